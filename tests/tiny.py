@@ -41,12 +41,14 @@ def config(tok=None, **kw) -> LLaDAConfig:
     return LLaDAConfig(**base)
 
 
-def model(seed: int = 0, dtype=torch.float64, sharpen: float = 1.0, **kw) -> LLaDAModelLM:
-    """A random tiny LLaDA; sharpen > 1 scales the LM head so confidences spread out (threshold paths fire)."""
+def model(seed: int = 0, dtype=torch.float64, sharpen: float = 1.0, eos_boost: float = 1.0, **kw) -> LLaDAModelLM:
+    """A random tiny LLaDA; sharpen > 1 scales the LM head so confidences spread out (threshold paths fire);
+    eos_boost > 1 scales the EOS row so answers end early (early stop has something to save)."""
     torch.manual_seed(seed)
     m = LLaDAModelLM(config(**kw)).to(dtype).eval()
     with torch.no_grad():
         m.transformer.ff_out.weight.mul_(sharpen)
+        m.transformer.ff_out.weight[m.config.eos_token_id].mul_(eos_boost)
     return m
 
 
