@@ -213,6 +213,7 @@ class _Batch:
             valid[i, self.P - len(r.prompt):self.P + s.gen_length] = True
         self.x, self.valid = x.to(self.dev), valid.to(self.dev)
         self.attn = None if bool(valid.all()) else self.valid  # no padding: no mask (SDPA's fast path)
+        self.rule = self.rule_tensors(settings)
         self.prompt_cols = torch.zeros((B, L), dtype=torch.bool, device=self.dev)
         for i, r in enumerate(requests):
             self.prompt_cols[i, self.P - len(r.prompt):self.P] = True
@@ -230,6 +231,14 @@ class _Batch:
         self.t0 = time.perf_counter()
         self.stop_ids = [set(ids.stops) | set(s.stop_token_ids) for s in settings]
         self.early_ids = set(ids.stops) if self.early else set()
+
+    def rule_tensors(self, settings: list[SamplerConfig]):
+        """Per-row transfer rule as tensors: (threshold, factor, uses threshold, uses factor)."""
+        f64 = dict(dtype=torch.float64, device=self.dev)
+        return (torch.tensor([st.threshold if st.threshold is not None else 2.0 for st in settings], **f64),
+                torch.tensor([st.factor or 0.0 for st in settings], **f64),
+                torch.tensor([st.threshold is not None for st in settings], device=self.dev),
+                torch.tensor([st.factor is not None for st in settings], device=self.dev))
 
     # ------------------------------------------------------------------ loop
     def run(self) -> list[Result]:
@@ -314,11 +323,7 @@ class _Batch:
                 conf[r, cols] = torch.rand(cols.shape, dtype=torch.float64, device=self.dev, generator=self.gens[i])
         m = masked.sum(-1)
         sorted_conf, order = torch.sort(conf, dim=-1, descending=True, stable=True)
-        thr = torch.tensor([st.threshold if st.threshold is not None else 2.0 for st in settings],
-                           dtype=torch.float64, device=self.dev)
-        fac = torch.tensor([st.factor or 0.0 for st in settings], dtype=torch.float64, device=self.dev)
-        use_fac = torch.tensor([st.factor is not None for st in settings], device=self.dev)
-        use_thr = torch.tensor([st.threshold is not None for st in settings], device=self.dev)
+        thr, fac, use_thr, use_fac = self.rule
         k_thr = (sorted_conf >= thr[:, None]).sum(-1).clamp(min=1)
         k = torch.where(use_fac, factor_count(sorted_conf, m, fac), torch.where(use_thr, k_thr, k_quota))
         k = torch.minimum(k, m)
@@ -392,6 +397,7 @@ class _Batch:
         idx = torch.tensor(keep, device=self.dev)
         self.x, self.valid, self.prompt_cols = self.x[idx], self.valid[idx], self.prompt_cols[idx]
         self.attn = None if bool(self.valid.all()) else self.valid
+        self.rule = tuple(t[idx] for t in self.rule)
         if self.cache != "none" and self.s.model.transformer.blocks[0].kv_cache is not None:
             n = len(keep) + 1
             cache_rows = torch.cat([idx, idx + n]) if self.cfg > 0 else idx
