@@ -73,6 +73,128 @@ class SamplerConfig:
     early_stop: bool = True
 
 
+@dataclass
+class ServerConfig:
+    """The OpenAI-compatible HTTP server (server.py) and its batching engine (engine.py)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Bearer key required on /v1/* (compared in constant time); None = $LLADA_XP_API_KEY if set, else no auth
+    api_key: Optional[str] = None
+    # Most rows (choices) decoded together in one batch
+    max_batch_size: int = 16
+    # Most rows waiting for a batch; a request that would exceed it gets 429 with Retry-After
+    max_queue: int = 256
+    # Most time a new batch waits for as many rows as the previous batch had (0 = start at once; one client alone
+    # never waits)
+    batch_window_ms: float = 20.0
+    # Log level of the server and uvicorn: critical | error | warning | info | debug | trace
+    log_level: str = "info"
+
+
+@dataclass
+class ServeConfig:
+    """serve.py: which model, the server's default decoding settings (requests override them), the server."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+@dataclass
+class ConvertConfig:
+    """convert.py: a DCP training checkpoint → a Hugging Face folder (checkpoint.py)."""
+
+    # The checkpoint (model.path, any layout), its base model (model.base_model) and model.cache_dir
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Folder to write (must not exist yet); None = the conversion cache that model=dcp reuses
+    output: Optional[str] = None
+    # None = keep the checkpoint's dtypes; or float32 | bfloat16 | float16 | float64 (floating tensors only)
+    dtype: Optional[str] = None
+    # Largest safetensors file; bigger models are split into shards with a model.safetensors.index.json
+    max_shard_size: str = "2GB"
+
+
+@dataclass
+class TaskConfig:
+    """What to evaluate on (tasks.py): the examples, how prompts are built and how outputs are scored."""
+
+    # demo (the demo model's held-out set) | gsm8k | jsonl (one {prompt, answer} object per line)
+    name: str = MISSING
+    # gsm8k: a Hub dataset id, a local dataset folder, or a .jsonl/.json/.parquet file holding `split`;
+    # jsonl: the file. demo: unused
+    path: Optional[str] = None
+    # gsm8k: the dataset configuration (GSM8K: main | socratic)
+    subset: Optional[str] = None
+    # gsm8k: the split evaluated
+    split: str = "test"
+    # gsm8k: k-shot examples, drawn once (fewshot_seed) from this split of `path`
+    num_fewshot: int = 0
+    fewshot_split: str = "train"
+    # gsm8k: a file for the k-shot pool when `path` is a single file; None = `fewshot_split` of `path`
+    fewshot_path: Optional[str] = None
+    fewshot_seed: int = 1234
+    # Evaluate only the first `limit` examples (demo: the size of the held-out set drawn); None = all
+    limit: Optional[int] = None
+    # True = the tokenizer's chat template (instruct models); False = plain text (base models)
+    chat: bool = True
+    # A system message put before the conversation (chat only); None = none
+    system_prompt: Optional[str] = None
+    # How a question becomes the user message (or the plain-text prompt); {prompt} is the question
+    prompt_template: str = "{prompt}"
+    # jsonl (and gsm8k files): the fields holding the question and the reference answer
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    # jsonl: exact (equal after stripping whitespace) | number (the gsm8k rule: "####", else the last number)
+    scoring: str = "exact"
+    # Stop strings added to the sampler's (e.g. "Question:" for k-shot prompts to base models)
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    """Where results are logged besides the output dir (evaluate.py, report.py)."""
+
+    # none (logs nothing) | wandb
+    name: str = "none"
+    project: str = "llada-xp"
+    # W&B team or user; None = the API key's default entity
+    entity: Optional[str] = None
+    # W&B group; None = one group per multirun (named after its sweep dir), no group for a single run
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    # online | offline | disabled; None = $WANDB_MODE if set, else online with an API key, offline without
+    mode: Optional[str] = None
+    # Where W&B writes its run folders; None = $WANDB_DIR or the working directory
+    dir: Optional[str] = None
+    # Log the per-sample table (prompt, output, reference, correct, nfe)
+    log_samples: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """eval.py: a model and decoding settings evaluated on a task; results in the output dir and the logger."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Prompts per sampler batch (batches are fixed slices of the length-sorted examples)
+    batch_size: int = 16
+    # Data-parallel sharding: this job evaluates every num_shards-th batch starting at shard_index;
+    # `python -m llada_xp.evaluate merge` joins the shards' output dirs
+    shard_index: int = 0
+    num_shards: int = 1
+    # Where metrics.json and samples.jsonl go; None = Hydra's output dir
+    output_dir: Optional[str] = None
+    # Continue from the samples.jsonl already in the output dir; False = start over
+    resume: bool = True
+    # The metrics.json value eval.py returns (what a Hydra sweeper optimizes)
+    metric: str = "accuracy"
+    # Show a progress bar
+    progress: bool = True
+
+
 def register() -> None:
     """Register the schemas in Hydra's ConfigStore (called by the entry points before composing)."""
     from hydra.core.config_store import ConfigStore
@@ -80,6 +202,12 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="sampler", name="schema", node=SamplerConfig)
+    cs.store(name="serve_schema", node=ServeConfig)
+    cs.store(name="convert_schema", node=ConvertConfig)
+    cs.store(group="task", name="schema", node=TaskConfig)
+    cs.store(group="logger", name="schema", node=LoggerConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
 
 
-__all__ = ["MISSING", "ModelConfig", "SamplerConfig", "register"]
+__all__ = ["MISSING", "ConvertConfig", "EvalConfig", "LoggerConfig", "ModelConfig", "SamplerConfig", "ServeConfig",
+           "ServerConfig", "TaskConfig", "register"]

@@ -1,0 +1,207 @@
+"""Benchmarks (CLI).
+
+    python -m llada_xp.bench server [--concurrency 1,4,16] [--model demo|PATH] [--url URL] [overrides]
+
+`server`: starts the server (serve() in a child process with --threads torch threads; config composed from
+conf/serve.yaml plus Hydra overrides) unless --url names a running one, then drives it with N concurrent clients
+sending demo-task chat requests (held-out prompts), and prints throughput and latency percentiles per concurrency
+level. Every level sends the same prompts. Knows nothing about the server's internals: it only speaks HTTP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("llada_xp.bench")
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+FALLBACK_PROMPTS = ["Add: 12 + 30", "Sort: d a c b", "Reverse: hello", "Count a: a b a c a", "Copy: the cat sat"]
+
+
+# ------------------------------------------------------------------------------------------------ server
+def compose_serve_config(overrides: list[str]):
+    """conf/serve.yaml + overrides → ServeConfig (as serve.py would build it)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from llada_xp.config import register
+
+    register()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_object(compose("serve", overrides=overrides))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_child() -> None:
+    """Entry of the server child process: argv = [threads, *overrides]."""
+    import torch
+
+    from llada_xp.server import serve
+
+    logging.basicConfig(level=logging.WARNING)
+    threads, overrides = int(sys.argv[1]), sys.argv[2:]
+    if threads > 0:
+        torch.set_num_threads(threads)
+    serve(compose_serve_config(overrides))
+
+
+def _prompts(n: int) -> list[str]:
+    try:
+        from llada_xp.demo.task import HELD_OUT_SEED, examples
+
+        return [e.prompt for e in examples(n, HELD_OUT_SEED)]
+    except ImportError:
+        return list(itertools.islice(itertools.cycle(FALLBACK_PROMPTS), n))
+
+
+def _wait_ready(http, proc: Optional[subprocess.Popen], timeout: float = 300.0) -> dict:
+    import httpx
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"the server exited with status {proc.returncode} before it was ready")
+        try:
+            r = http.get("/health")
+            if r.status_code == 200:
+                return r.json()
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the server did not become ready in time")
+
+
+def _level(url: str, prompts: list[str], concurrency: int, body: dict) -> dict:
+    """Send `prompts` through `concurrency` client threads; per-request latency and completion tokens."""
+    import httpx
+
+    todo = iter(prompts)
+    lock = threading.Lock()
+    latencies, tokens, errors = [], [], []
+
+    def client():
+        with httpx.Client(base_url=url, timeout=600) as h:
+            while True:
+                with lock:
+                    prompt = next(todo, None)
+                if prompt is None:
+                    return
+                t = time.perf_counter()
+                r = h.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": prompt}]})
+                dt = time.perf_counter() - t
+                with lock:
+                    if r.status_code == 200:
+                        latencies.append(dt)
+                        tokens.append(r.json()["usage"]["completion_tokens"])
+                    else:
+                        errors.append(f"{r.status_code}: {r.text[:200]}")
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        log.warning("%d failed requests at concurrency %d, e.g. %s", len(errors), concurrency, errors[0])
+    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors), "tokens": sum(tokens),
+            "wall_s": wall, "tok_s": sum(tokens) / wall, "req_s": len(latencies) / wall,
+            "p50": q[49], "p90": q[89], "p99": q[98]}
+
+
+def bench_server(args: argparse.Namespace) -> int:
+    import httpx
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    overrides = list(args.overrides)
+    proc = None
+    url = args.url
+    if url is None:
+        port = _free_port()
+        model = ["model=demo"] if args.model == "demo" else ["model=hf", f"model.path={args.model}"]
+        overrides = model + [f"server.port={port}", "server.log_level=warning",
+                             f"server.max_batch_size={max(levels)}"] + overrides
+        compose_serve_config(overrides)  # fail here, not in the child, on a bad override
+        proc = subprocess.Popen([sys.executable, "-c", "from llada_xp.bench import _serve_child; _serve_child()",
+                                 str(args.threads), *overrides])
+        url = f"http://127.0.0.1:{port}"
+    body = {"max_tokens": args.max_tokens, "temperature": 0.0}
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            health = _wait_ready(http, proc)
+        prompts = _prompts(max(args.requests, max(levels) * args.rounds))
+        _level(url, prompts[:max(levels)], max(levels), body)  # warm-up
+        rows = []
+        for c in levels:
+            n = max(args.requests, c * args.rounds)
+            rows.append(_level(url, prompts[:n], c, body))
+            log.info("concurrency %d done: %.1f tok/s", c, rows[-1]["tok_s"])
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    model = health.get("model", {})
+    print(f"server bench: model {model.get('name')} ({model.get('parameters', 0) / 1e6:.2f}M parameters, "
+          f"{model.get('dtype')}) on {health.get('device')}; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, {args.threads or 'default'} torch threads; max_tokens {args.max_tokens}, "
+          f"temperature 0; overrides: {' '.join(overrides)}")
+    head = f"{'conc':>5} {'reqs':>5} {'tokens':>7} {'wall s':>8} {'tok/s':>8} {'req/s':>7} {'p50 s':>7} " \
+           f"{'p90 s':>7} {'p99 s':>7} {'× c=1':>6}"
+    print(head)
+    base = rows[0]["tok_s"] if rows and rows[0]["concurrency"] == 1 else None
+    for r in rows:
+        ratio = f"{r['tok_s'] / base:6.2f}" if base else f"{'-':>6}"
+        print(f"{r['concurrency']:>5} {r['requests']:>5} {r['tokens']:>7} {r['wall_s']:>8.2f} {r['tok_s']:>8.1f} "
+              f"{r['req_s']:>7.2f} {r['p50']:>7.3f} {r['p90']:>7.3f} {r['p99']:>7.3f} {ratio}")
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llada_xp.bench", description="llada-xp benchmarks")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("server", help="load-test the OpenAI-compatible server",
+                       description="Throughput and latency percentiles per concurrency level.")
+    s.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default 1,4,16)")
+    s.add_argument("--model", default="demo", help="demo, or a local model folder in the LLaDA Hub layout")
+    s.add_argument("--url", default=None, help="bench a running server instead of starting one")
+    s.add_argument("--requests", type=int, default=16, help="at least this many requests per level")
+    s.add_argument("--rounds", type=int, default=4, help="at least this many requests per client per level")
+    s.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
+    s.add_argument("--threads", type=int, default=1, help="torch CPU threads in the server (default 1: on a shared "
+                                                          "CPU more threads oversubscribe it; 0 = torch's default)")
+    s.add_argument("overrides", nargs="*", help="Hydra overrides for the server, e.g. sampler=llada")
+    s.set_defaults(func=bench_server)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The batching engine: one worker thread owns the Sampler (and so the model); asyncio callers submit and await.
+
+Rows (one sampler Request per choice) wait in a bounded queue; the worker takes the oldest waiting row, adds the
+waiting rows that share its `shared_key` (oldest first, up to max_batch_size, while the batch canvas — longest
+prompt + longest answer — fits the model), and decodes them as one batch. A batch runs to its end; rows arriving
+meanwhile wait for the next one (`batch_window_s` lets a batch gather the rows of clients that come back
+together).
+Events (Tokens, Finished) go back to each caller's event loop with `call_soon_threadsafe`. `Job.cancel()` drops
+waiting rows and aborts running ones (the sampler ends them within one step). Knows nothing about HTTP or the
+OpenAI format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from llada_xp.sampler import Finished, Request, Result, Sampler, Stats, Tokens, shared_key
+
+log = logging.getLogger(__name__)
+
+GATHER_MIN_S = 0.002  # a new batch always waits this long (within batch_window_s) for rows arriving together
+
+
+class QueueFull(Exception):
+    """The waiting queue has no room; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Failed:
+    """Event: the batch holding row `index` raised; `error` is the exception (ValueError = bad settings)."""
+
+    index: int
+    error: Exception
+
+
+@dataclass
+class _Row:
+    job: "Job"
+    index: int  # choice index inside the job
+    request: Request
+
+
+@dataclass
+class Job:
+    """One caller's rows. Events arrive on `events` as (choice index, Tokens | Finished | Failed); Tokens events
+    only when `tokens` is set (streaming). `first_token_s` is the perf_counter time of the first final token."""
+
+    requests: list[Request]
+    loop: asyncio.AbstractEventLoop
+    tokens: bool = True
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    engine: Optional["Engine"] = None
+    first_token_s: Optional[float] = None
+
+    def deliver(self, event) -> None:
+        """Called on the worker thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the caller's loop is closed (server shutting down)
+            pass
+
+    def cancel(self) -> None:
+        """Drop this job's waiting rows and abort its running ones (thread-safe, idempotent)."""
+        for r in self.requests:
+            r.abort()
+        if self.engine is not None:
+            self.engine._drop(self)
+
+
+class Engine:
+    """Owns a Sampler on one worker thread; forms batches from a bounded queue of rows."""
+
+    def __init__(self, sampler: Sampler, max_batch_size: int = 16, max_queue: int = 256,
+                 batch_window_s: float = 0.0):
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size}, {max_queue}")
+        self.sampler, self.max_batch_size, self.max_queue = sampler, max_batch_size, max_queue
+        self.batch_window_s = batch_window_s
+        self._waiting: deque[_Row] = deque()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread: Optional[threading.Thread] = None
+        self.running = 0  # rows of the current batch that have not finished
+        self.batches = 0
+        self.last_batch_s = 1.0
+        self._last_rows = 1
+        self._current: list[_Row] = []
+
+    # ------------------------------------------------------------------ caller side (event loop thread)
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, requests: list[Request], tokens: bool = True) -> Job:
+        """Queue the rows of one call; raise QueueFull when they do not fit. Call from a running event loop.
+
+        tokens=False: deliver only Finished (and Failed) events, sparing the event loop one wake-up per step."""
+        job = Job(requests, asyncio.get_running_loop(), tokens, engine=self)
+        with self._cond:
+            if self._stopped:
+                raise QueueFull("the engine is shutting down", 1)
+            if len(requests) > self.max_queue:
+                raise ValueError(f"{len(requests)} rows can never fit the queue (max_queue={self.max_queue})")
+            if len(self._waiting) + len(requests) > self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self._waiting)} rows waiting (max_queue="
+                                f"{self.max_queue})", max(1, math.ceil(self.last_batch_s)))
+            self._waiting.extend(_Row(job, i, r) for i, r in enumerate(requests))
+            self._cond.notify()
+        return job
+
+    def _drop(self, job: Job) -> None:
+        with self._cond:
+            kept = [r for r in self._waiting if r.job is not job]
+            if len(kept) != len(self._waiting):
+                self._waiting = deque(kept)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._work, name="llada-xp-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort everything and join the worker."""
+        with self._cond:
+            self._stopped = True
+            dropped = list(self._waiting)
+            self._waiting.clear()
+            self._cond.notify_all()
+        for row in self._current:
+            row.request.abort()
+        for row in dropped:
+            row.request.abort()
+            row.job.deliver((row.index, Finished(row.index, _aborted())))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ worker thread
+    def _next_batch(self) -> Optional[list[_Row]]:
+        with self._cond:
+            while not self._waiting and not self._stopped:
+                self._cond.wait()
+            if self._stopped:
+                return None
+            # Gather: clients of the last batch tend to come back together, so wait (at most batch_window_s) until
+            # as many rows wait as that batch had; and always GATHER_MIN_S, for bursts that arrive together.
+            target = min(self.max_batch_size, max(1, self._last_rows))
+            start = time.monotonic()
+            deadline, floor = start + self.batch_window_s, start + min(GATHER_MIN_S, self.batch_window_s)
+            while not self._stopped and len(self._waiting) < self.max_batch_size:
+                t = time.monotonic()
+                if t >= deadline or (len(self._waiting) >= target and t >= floor):
+                    break
+                self._cond.wait((floor if len(self._waiting) >= target else deadline) - t)
+            if not self._waiting:
+                return []
+            key = shared_key(self._waiting[0].request.settings)
+            batch, rest, P, G = [], deque(), 0, 0
+            limit = self.sampler.max_length or math.inf
+            for row in self._waiting:
+                p, g = max(P, len(row.request.prompt)), max(G, row.request.settings.gen_length)
+                # the batch canvas is the longest prompt + the longest answer: it must fit the model
+                if len(batch) < self.max_batch_size and shared_key(row.request.settings) == key \
+                        and (not batch or p + g <= limit):
+                    batch.append(row)
+                    P, G = p, g
+                else:
+                    rest.append(row)
+            self._waiting = rest
+            self._current = batch
+            self.running = self._last_rows = len(batch)
+            return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            t = time.perf_counter()
+            log.debug("batch of %d rows (%d waiting)", len(batch), len(self._waiting))
+            try:
+                self.sampler.generate([r.request for r in batch], on_event=lambda e: self._route(batch, e))
+            except Exception as e:  # a bad row must not stop the worker; its callers get the error
+                if isinstance(e, ValueError):
+                    log.info("batch of %d rows refused: %s", len(batch), e)
+                else:
+                    log.exception("batch of %d rows failed", len(batch))
+                for r in batch:
+                    r.job.deliver((r.index, Failed(r.index, e)))
+            finally:
+                self._current = []
+                self.running = 0
+                self.batches += 1
+                self.last_batch_s = time.perf_counter() - t
+
+    def _route(self, batch: list[_Row], event) -> None:
+        row = batch[event.index]
+        if isinstance(event, Finished):
+            self.running -= 1
+        elif row.job.first_token_s is None:
+            row.job.first_token_s = time.perf_counter()
+        if row.job.tokens or not isinstance(event, Tokens):
+            row.job.deliver((row.index, event))
+
+
+def _aborted() -> Result:
+    return Result([], "", "abort", None, Stats())

@@ -1,0 +1,424 @@
+"""The OpenAI-compatible HTTP server: app factory, endpoints, errors, API key, Prometheus metrics, `serve()`.
+
+The model loads in the lifespan hook on a background thread (/health answers 503 until it is ready); then the
+engine's worker thread owns it. Handlers validate (protocol.py), tokenize, submit rows to the engine and turn its
+events into OpenAI responses or SSE chunks: the event loop never waits on the model. Every error leaves as the
+OpenAI error object. Knows nothing about tensors beyond token ids, nor about how decoding works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Callable, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llada_xp.config import ServeConfig
+from llada_xp.engine import Engine, Failed, Job, QueueFull
+from llada_xp.protocol import (APIError, ChatCompletionRequest, CompletionRequest, TextStream, error_body, new_id,
+                               now, param_name, usage)
+from llada_xp.sampler import Finished, Request as Row, Sampler, Tokens
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+_DISCONNECTED = object()
+
+
+class Metrics:
+    """Prometheus metrics on the app's own registry (several apps may live in one process, e.g. tests)."""
+
+    def __init__(self, engine: Callable[[], Optional[Engine]]):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("llada_xp_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        Gauge("llada_xp_queue_depth", "Rows (choices) waiting for a batch", registry=r).set_function(
+            lambda: (e := engine()) and e.waiting or 0)
+        Gauge("llada_xp_running_batch_size", "Rows of the running batch not finished yet", registry=r).set_function(
+            lambda: (e := engine()) and e.running or 0)
+        self.prompt_tokens = Counter("llada_xp_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.completion_tokens = Counter("llada_xp_completion_tokens", "Completion tokens returned", registry=r)
+        self.nfe = Counter("llada_xp_nfe", "Model forwards taken part in, summed over rows", registry=r)
+        self.disconnects = Counter("llada_xp_disconnects", "Requests aborted because the client went away",
+                                   registry=r)
+        self.latency = Histogram("llada_xp_request_latency_seconds", "Arrival to last token",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("llada_xp_time_to_first_token_seconds", "Arrival to first final token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+
+
+class _State:
+    """What the app holds: config, load status, the loaded model's tokenizer and info, the engine."""
+
+    def __init__(self, cfg: ServeConfig, on_load_error: Optional[Callable[[Exception], None]]):
+        self.cfg, self.on_load_error = cfg, on_load_error
+        self.api_key = cfg.server.api_key or os.environ.get("LLADA_XP_API_KEY") or None
+        self.loaded = None
+        self.engine: Optional[Engine] = None
+        self.error: Optional[str] = None
+        self.metrics = Metrics(lambda: self.engine)
+
+    def load(self) -> None:
+        from llada_xp.loading import load_model
+
+        try:
+            loaded = load_model(self.cfg.model)
+            sampler = Sampler(loaded.model, loaded.info.ids, decode=loaded.tokenizer.decode)
+            s = self.cfg.server
+            engine = Engine(sampler, s.max_batch_size, s.max_queue, s.batch_window_ms / 1000)
+            self.loaded, self.created = loaded, now()
+            self.engine = engine.start()  # last: a set engine means ready
+            log.info("ready: serving %s as %s", loaded.info.path, self.names)
+        except Exception as e:  # any failure is reported on /health and ends serve() with the reason
+            self.error = str(e)
+            log.error("model load failed: %s", e)
+            if self.on_load_error is not None:
+                self.on_load_error(e)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+    @property
+    def names(self) -> list[str]:
+        return [self.loaded.info.name] + [a for a in self.cfg.model.aliases if a != self.loaded.info.name]
+
+    def ready(self) -> "_State":
+        if self.engine is None:
+            msg = f"model failed to load: {self.error}" if self.error else "the model is loading; retry shortly"
+            raise APIError(503, msg, code="model_not_ready", headers={"Retry-After": "5"})
+        return self
+
+    def served_name(self, requested: Optional[str]) -> str:
+        if requested is None:
+            return self.names[0]
+        if requested not in self.names:
+            raise APIError(404, f"model {requested!r} does not exist; this server serves {self.names}", "model",
+                           "model_not_found")
+        return requested
+
+    def check_length(self, prompt_len: int, gen_length: int, where: str) -> None:
+        limit = self.loaded.info.max_length
+        if prompt_len + gen_length > limit:
+            param = where if prompt_len >= limit else "max_tokens"
+            raise APIError(400, f"{where} ({prompt_len} tokens) + max_tokens ({gen_length}) = "
+                                f"{prompt_len + gen_length} exceeds the model's max_sequence_length {limit}",
+                           param, "context_length_exceeded")
+
+
+class _Gate:
+    """ASGI middleware: Bearer API key on /v1/* (constant-time), and requests counted by endpoint and status."""
+
+    def __init__(self, app, state: _State):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        status = [500]
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if path.startswith("/v1/") and self.state.api_key and not self._authorized(scope):
+                err = APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
+                               code="invalid_api_key")
+                await JSONResponse(err.body(), 401, {"WWW-Authenticate": "Bearer"})(scope, receive, counted_send)
+                return
+            await self.app(scope, receive, counted_send)
+        finally:
+            endpoint = path if path in ENDPOINTS else "other"
+            self.state.metrics.requests.labels(endpoint, str(status[0])).inc()
+
+    def _authorized(self, scope) -> bool:
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, key = auth.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self.state.api_key.encode())
+
+
+def create_app(cfg: ServeConfig, on_load_error: Optional[Callable[[Exception], None]] = None) -> FastAPI:
+    """The FastAPI app; the model loads in the background once the app starts (lifespan)."""
+    state = _State(cfg, on_load_error)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=state.load, name="llada-xp-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            state.close()
+
+    app = FastAPI(title="llada-xp", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible server for LLaDA diffusion language models (Fast-dLLM decoding)")
+    app.state.llada = state
+    app.add_middleware(_Gate, state=state)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), e.status, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        return JSONResponse(_validation_body(e.errors()), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return JSONResponse(error_body(e.status_code, str(e.detail)), e.status_code, e.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), 500)
+
+    @app.get("/health")
+    async def health():
+        ready = state.engine is not None
+        info = state.loaded.info if ready else None
+        body = {"status": "healthy" if ready else ("failed" if state.error else "loading"), "model_loaded": ready,
+                "device": info.device if ready else _planned_device(cfg.model.device)}
+        if ready:
+            body["model"] = {"name": info.name, "aliases": state.names[1:], "source": info.source, "path": info.path,
+                             "dtype": info.dtype, "parameters": info.parameters, "max_length": info.max_length}
+        if state.error:
+            body["error"] = state.error
+        return JSONResponse(body, 200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        st = state.ready()
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": st.created, "owned_by": "llada-xp", "root": st.names[0],
+             "max_model_len": st.loaded.info.max_length} for name in st.names]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        t0 = time.perf_counter()
+        st = state.ready()
+        model = st.served_name(body.model)
+        body.log_unknown("/v1/chat/completions")
+        settings = body.settings(cfg.sampler)
+        prompt = body.prompt_ids(st.loaded.tokenizer)
+        st.check_length(len(prompt), settings[0].gen_length, "messages")
+        rows = [Row(prompt, s) for s in settings]
+        return await _respond(st, request, "chat", model, rows, len(prompt), body, t0)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        t0 = time.perf_counter()
+        st = state.ready()
+        model = st.served_name(body.model)
+        body.log_unknown("/v1/completions")
+        settings = body.settings(cfg.sampler)
+        prompts = body.prompt_ids(st.loaded.tokenizer, st.loaded.model.config.vocab_size)
+        for i, p in enumerate(prompts):
+            st.check_length(len(p), settings[0].gen_length, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+        rows = [Row(p, s) for p in prompts for s in settings]
+        return await _respond(st, request, "text", model, rows, sum(map(len, prompts)), body, t0)
+
+    return app
+
+
+def _planned_device(device: str) -> str:
+    from llada_xp.loading import pick_device
+
+    return str(pick_device(device))
+
+
+def _validation_body(errors) -> dict:
+    """pydantic / FastAPI validation errors → one OpenAI error (HTTP 400) naming the first bad parameter."""
+    if not errors:
+        return error_body(400, "invalid request")
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        return error_body(400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}", None,
+                          "invalid_json")
+    loc = tuple(p for p in e.get("loc", ()) if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
+    param = param_name(loc)
+    msg = e.get("msg", "invalid value")
+    if param is None and e.get("type") in ("missing", "model_attributes_type", "dict_type"):
+        msg = "the request body must be a JSON object"
+    return error_body(400, f"{param}: {msg}" if param else msg, param, "invalid_value")
+
+
+# ------------------------------------------------------------------------------------------------ responding
+async def _respond(st: _State, request: Request, kind: str, model: str, rows: list[Row], prompt_tokens: int,
+                   body, t0: float):
+    try:
+        job = st.engine.submit(rows, tokens=bool(body.stream))
+    except QueueFull as e:
+        raise APIError(429, str(e), code="server_busy", headers={"Retry-After": str(e.retry_after)}) from e
+    except ValueError as e:  # more rows than the queue can ever hold
+        raise APIError(400, str(e), "n" if len(rows) == body.n else None) from e
+    watcher = asyncio.create_task(_watch_disconnect(request, job))
+    run = _Run(st, job, kind, model, rows, prompt_tokens, t0)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(run.stream(watcher, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        return await run.complete()
+    finally:
+        watcher.cancel()
+        job.cancel()
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """Tell the job's consumer when the client goes away (stream or not), so its rows are aborted."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.events.put_nowait((None, _DISCONNECTED))
+            return
+
+
+class _Run:
+    """One HTTP request's rows while they decode: events → OpenAI body (complete) or SSE chunks (stream)."""
+
+    def __init__(self, st: _State, job: Job, kind: str, model: str, rows: list[Row], prompt_tokens: int, t0: float):
+        self.st, self.job, self.kind, self.model, self.rows = st, job, kind, model, rows
+        self.prompt_tokens, self.t0 = prompt_tokens, t0
+        self.id, self.created = new_id("chatcmpl" if kind == "chat" else "cmpl"), now()
+        self.object = "chat.completion" if kind == "chat" else "text_completion"
+
+    async def events(self):
+        """(choice, Tokens | Finished) until every row finished; Failed → APIError; disconnect → stops."""
+        left = len(self.rows)
+        while left:
+            i, ev = await self.job.events.get()
+            if ev is _DISCONNECTED:
+                log.info("%s: client disconnected; aborting %d rows", self.id, left)
+                self.st.metrics.disconnects.inc()
+                self.job.cancel()
+                return
+            if isinstance(ev, Failed):
+                self.job.cancel()
+                bad = isinstance(ev.error, ValueError)
+                raise APIError(400 if bad else 500, str(ev.error) if bad else
+                               f"internal error: {type(ev.error).__name__}: {ev.error}")
+            if isinstance(ev, Finished):
+                left -= 1
+            yield i, ev
+
+    def record(self, results: list) -> dict:
+        u = usage(self.prompt_tokens, results)
+        m = self.st.metrics
+        m.latency.observe(time.perf_counter() - self.t0)
+        if self.job.first_token_s is not None:
+            m.ttft.observe(self.job.first_token_s - self.t0)
+        m.prompt_tokens.inc(u["prompt_tokens"])
+        m.completion_tokens.inc(u["completion_tokens"])
+        m.nfe.inc(u["nfe"])
+        return u
+
+    async def complete(self) -> dict:
+        results = [None] * len(self.rows)
+        async for i, ev in self.events():
+            if isinstance(ev, Finished):
+                results[i] = ev.result
+        if any(r is None or r.finish_reason == "abort" for r in results):
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        choices = []
+        for i, r in enumerate(results):
+            c = {"index": i, "finish_reason": r.finish_reason, "logprobs": None}
+            if self.kind == "chat":
+                c["message"] = {"role": "assistant", "content": r.text}
+            else:
+                c["text"] = r.text
+            choices.append(c)
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.record(results)}
+
+    def chunk(self, i: int, text: Optional[str] = None, finish: Optional[str] = None, role: bool = False) -> str:
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return _sse({"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                     "choices": [choice]})
+
+    async def stream(self, watcher: asyncio.Task, include_usage: bool) -> AsyncIterator[str]:
+        decode = self.st.loaded.tokenizer.decode
+        texts = [TextStream(decode, r.settings.stop) for r in self.rows]
+        results = [None] * len(self.rows)
+        try:
+            if self.kind == "chat":
+                for i in range(len(self.rows)):
+                    yield self.chunk(i, role=True)
+            async for i, ev in self.events():
+                if isinstance(ev, Tokens):
+                    delta = texts[i].push(ev.tokens)
+                    if delta:
+                        yield self.chunk(i, delta)
+                elif isinstance(ev, Finished):
+                    results[i] = ev.result
+                    if ev.result.finish_reason == "abort":
+                        return
+                    delta = texts[i].finish(ev.result.text)
+                    if delta:
+                        yield self.chunk(i, delta)
+                    yield self.chunk(i, finish=ev.result.finish_reason)
+            if any(r is None for r in results):
+                return  # disconnected
+            u = self.record(results)
+            if include_usage:
+                yield _sse({"id": self.id, "object": self.object + ".chunk" if self.kind == "chat" else self.object,
+                            "created": self.created, "model": self.model, "choices": [], "usage": u})
+        except APIError as e:  # the stream has started: the error goes out as a data event
+            yield _sse(e.body())
+        finally:
+            watcher.cancel()
+            self.job.cancel()
+        yield "data: [DONE]\n\n"
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ------------------------------------------------------------------------------------------------ serve
+def serve(cfg: ServeConfig) -> None:
+    """Run the server until interrupted. Raises ModelLoadError (or the load's exception) if the model fails."""
+    import uvicorn
+
+    level = cfg.server.log_level.upper()
+    logging.getLogger("llada_xp").setLevel(logging.DEBUG if level == "TRACE" else level)
+    failed: list[Exception] = []
+    server: Optional[uvicorn.Server] = None
+
+    def on_load_error(e: Exception) -> None:
+        failed.append(e)
+        server.should_exit = True
+
+    app = create_app(cfg, on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port,
+                                           log_level=cfg.server.log_level, timeout_graceful_shutdown=5))
+    auth = "Bearer key required on /v1/*" if app.state.llada.api_key else "no API key"
+    log.info("llada-xp server on http://%s:%d (docs /docs, %s); loading %s", cfg.server.host, cfg.server.port,
+             auth, cfg.model.path or cfg.model.source)
+    server.run()
+    if failed:
+        raise failed[0]
