@@ -178,6 +178,89 @@ def bench_server(args: argparse.Namespace) -> int:
     return 1 if any(r["errors"] for r in rows) else 0
 
 
+# ------------------------------------------------------------------------------------------------ sampler
+MODES = {  # name: sampler settings over the base (reference presets of sampling.md)
+    "llada (no cache, quota)": dict(cache="none", threshold=None, factor=None),
+    "prefix cache, quota": dict(cache="prefix", threshold=None, factor=None),
+    "dual cache, quota": dict(cache="dual", threshold=None, factor=None),
+    "no cache, tau 0.9": dict(cache="none", threshold=0.9),
+    "prefix cache, tau 0.9": dict(cache="prefix", threshold=0.9),
+    "dual cache, tau 0.9": dict(cache="dual", threshold=0.9),
+    "dual cache, factor 1.0": dict(cache="dual", threshold=None, factor=1.0),
+}
+
+
+def _bench_model(args):
+    """(model, ids, prompts) for the sampler benchmark."""
+    import torch
+
+    from llada_xp.config import ModelConfig
+    from llada_xp.loading import load_model, pick_device, pick_dtype
+    from llada_xp.model import PRESETS, LLaDAConfig, LLaDAModelLM
+    from llada_xp.sampler import SpecialIds
+
+    if args.model == "llada-8b-random":  # LLaDA-8B shapes, random weights: speed only (confidences are flat)
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+        config = LLaDAConfig(**PRESETS["llada-8b"])
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = LLaDAModelLM(config).to(dtype).eval()
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 126000, (args.prompt_length,), generator=g).tolist() for _ in range(args.batch)]
+        ids = SpecialIds(mask=config.mask_token_id, eos=config.eos_token_id, eot=126348, pad=config.pad_token_id)
+        return model, ids, prompts, f"LLaDA-8B shapes, random {dtype}"
+    from llada_xp.demo.check import prompt_ids
+    from llada_xp.demo.task import HELD_OUT_SEED, examples
+
+    cfg = ModelConfig(source="demo") if args.model == "demo" else ModelConfig(source="hf", path=args.model)
+    cfg.device, cfg.dtype = args.device, args.dtype
+    loaded = load_model(cfg)
+    prompts = [prompt_ids(loaded.tokenizer, e.prompt) for e in examples(args.batch, HELD_OUT_SEED)]
+    return loaded.model, loaded.info.ids, prompts, f"{loaded.info.name} ({loaded.info.dtype})"
+
+
+def bench_sampler(args) -> int:
+    import time
+
+    import torch
+
+    from llada_xp.config import SamplerConfig
+    from llada_xp.sampler import Request, Sampler
+
+    model, ids, prompts, what = _bench_model(args)
+    device = next(model.parameters()).device
+    sampler = Sampler(model, ids)
+    base = SamplerConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.gen_length,
+                         early_stop=args.early_stop)
+    print(f"sampler benchmark: {what} on {device}"
+          f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}),"
+          f" batch {args.batch}, gen_length {args.gen_length}, block {args.block_length}, early_stop {args.early_stop},"
+          f" best of {args.repeats}")
+    rows = []
+    for name, over in MODES.items():
+        st = SamplerConfig(**{**base.__dict__, **over})
+        best = None
+        for _ in range(args.repeats + 1):  # the first run warms up
+            t = time.perf_counter()
+            res = sampler.generate([Request(p, st) for p in prompts])
+            wall = time.perf_counter() - t
+            if best is None or wall < best[0]:
+                best = (wall, res)
+        wall, res = best
+        tokens = sum(len(r.tokens) for r in res)
+        nfe = max(r.stats.nfe for r in res)
+        fwd = max(r.stats.forward_s for r in res)
+        committed = sum(r.stats.committed for r in res) / len(res)
+        rows.append((name, nfe, tokens / wall, committed / nfe, 1 - fwd / wall, wall))
+    base_tps = rows[0][2]
+    print(f"| mode | NFE | tokens/s | tokens/forward | outside forwards | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, nfe, tps, tpf, outside, wall in rows:
+        print(f"| {name} | {nfe} | {tps:.1f} | {tpf:.2f} | {outside:.1%} | {tps / base_tps:.2f}x |")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llada_xp.bench", description="llada-xp benchmarks")
@@ -194,6 +277,21 @@ def parser() -> argparse.ArgumentParser:
                                                           "CPU more threads oversubscribe it; 0 = torch's default)")
     s.add_argument("overrides", nargs="*", help="Hydra overrides for the server, e.g. sampler=llada")
     s.set_defaults(func=bench_server)
+    b = sub.add_parser("sampler", help="decoding modes side by side on one model",
+                       description="NFE, tokens/s, tokens per forward and the share of time outside model forwards "
+                                   "for each cache mode and transfer rule, measured in one run.")
+    b.add_argument("--model", default="demo", help="demo | llada-8b-random (LLaDA-8B shapes, random weights; "
+                                                   "GPU) | a local model folder")
+    b.add_argument("--batch", type=int, default=1, help="prompts decoded together")
+    b.add_argument("--gen-length", type=int, default=64)
+    b.add_argument("--block-length", type=int, default=32)
+    b.add_argument("--prompt-length", type=int, default=128, help="llada-8b-random: prompt tokens")
+    b.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=False,
+                   help="stop rows at EOS (off = the references' NFE)")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per mode (best kept), after one warm-up")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--dtype", default="auto")
+    b.set_defaults(func=bench_sampler)
     return p
 
 
