@@ -7,7 +7,7 @@ a DictConfig. Importing this module does not touch Hydra; `register()` does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
@@ -93,12 +93,49 @@ class ServerConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """Where serve.py and eval.py run (launch.py): here, or as SLURM jobs through submitit (eval -m: a job array)."""
+
+    # local (this process) | slurm (a batch job; with eval.py -m one job per sweep point)
+    name: str = "local"
+    # sbatch --account / --partition / --qos; None = the cluster's default
+    account: Optional[str] = None
+    partition: Optional[str] = None
+    qos: Optional[str] = None
+    # Wall-clock limit: [D-]HH:MM:SS, HH:MM:SS or minutes
+    time: str = "4:00:00"
+    # GPUs per node (0 = none requested) and CPUs per task
+    gpus: int = 1
+    cpus: int = 16
+    # Memory per node (sbatch --mem: 64G, 512M); None = the partition's default
+    mem: Optional[str] = "64G"
+    # sbatch --constraint (node features); None = any node
+    constraint: Optional[str] = None
+    job_name: str = "llada-api-server"
+    # Extra sbatch options by long name without dashes ({exclusive: true, reservation: x}); they win over the above
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    # Shell lines run in the batch script before the job starts (module load ..., source venv/bin/activate)
+    setup: list[str] = field(default_factory=list)
+    # A container image for the site's srun container plugin (pyxis/enroot .sqsh or a registry image); None = none
+    container_image: Optional[str] = None
+    # srun flags that run the job in the image; {image} = container_image, {cwd} = the submit directory
+    container_flags: str = "--container-image={image} --container-mounts={cwd}:{cwd} --container-workdir={cwd}"
+    # The SSH host users tunnel through; None = $SLURM_SUBMIT_HOST, else this machine's name
+    login_host: Optional[str] = None
+    # Ctrl-C leaves the server job running (reconnect with python -m llada_xp.connect JOB_ID) instead of cancelling
+    detach_on_interrupt: bool = False
+    # submitit's folder for the job's pickles, logs, API key and server-info file (%j = the job id)
+    folder: str = "slurm/%j"
+
+
+@dataclass
 class ServeConfig:
     """serve.py: which model, the server's default decoding settings (requests override them), the server."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
 @dataclass
@@ -179,6 +216,8 @@ class EvalConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # local | slurm: with -m and launcher=slurm every sweep point is one job of a SLURM job array
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     # Prompts per sampler batch (batches are fixed slices of the length-sorted examples)
     batch_size: int = 16
     # Data-parallel sharding: this job evaluates every num_shards-th batch starting at shard_index;
@@ -207,7 +246,11 @@ def register() -> None:
     cs.store(group="task", name="schema", node=TaskConfig)
     cs.store(group="logger", name="schema", node=LoggerConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(group="launcher", name="schema", node=LauncherConfig)
+    from llada_xp.launch import register_resolvers
+
+    register_resolvers()
 
 
-__all__ = ["MISSING", "ConvertConfig", "EvalConfig", "LoggerConfig", "ModelConfig", "SamplerConfig", "ServeConfig",
+__all__ = ["MISSING", "ConvertConfig", "EvalConfig", "LauncherConfig", "LoggerConfig", "ModelConfig", "SamplerConfig", "ServeConfig",
            "ServerConfig", "TaskConfig", "register"]

@@ -1,0 +1,397 @@
+"""The evaluation loop: a task's prompts through `Sampler.generate` in batches, scored, logged, resumable, shardable.
+
+Writes into the output dir samples.jsonl (one line per sample, appended as it finishes; a restart on the same dir
+continues where it stopped) and metrics.json (accuracy, speed, NFE, latency, fingerprint, resolved config), and
+logs to W&B when logger=wandb. Shards evaluate disjoint batches; `merge` joins their dirs. Knows nothing about
+Hydra (eval.py) or sweeps (report.py); never decodes by itself (sampler.py does).
+
+    python -m llada_xp.evaluate merge --out DIR SHARD_DIR [SHARD_DIR ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import netrc
+import os
+import platform
+import socket
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from llada_xp import tasks
+from llada_xp.config import EvalConfig, LoggerConfig
+from llada_xp.loading import load_model
+from llada_xp.sampler import Finished, Request, Sampler, validate
+
+log = logging.getLogger(__name__)
+
+SAMPLES, METRICS = "samples.jsonl", "metrics.json"
+# Sample fields that differ between identical runs (everything else is reproducible)
+TIMING_FIELDS = ("latency_s", "forward_s", "batch")
+WANDB_MODES = ("online", "offline", "disabled")
+PACKAGES = ("llada-xp", "torch", "transformers", "tokenizers", "datasets", "hydra-core", "wandb")
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot run or resume as configured; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------------- entry
+def evaluate(cfg: EvalConfig) -> float:
+    """Run the evaluation and return metrics.json's `cfg.metric` (what eval.py hands to a sweeper)."""
+    metrics = run(cfg)
+    if cfg.metric not in metrics or not isinstance(metrics[cfg.metric], (int, float)):
+        numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise EvalError(f"metric={cfg.metric!r} is not a number in metrics.json; choose one of {numeric}")
+    return float(metrics[cfg.metric])
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Evaluate this shard of the task; return (and write) metrics.json's content."""
+    if cfg.output_dir is None:
+        raise EvalError("output_dir is not set (eval.py sets it to Hydra's output dir)")
+    if cfg.batch_size < 1:
+        raise EvalError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if not 0 <= cfg.shard_index < cfg.num_shards:
+        raise EvalError(f"shard_index must be in [0, num_shards={cfg.num_shards}), got {cfg.shard_index}")
+    validate(cfg.sampler)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = tasks.load(cfg.task)
+    logger = open_logger(cfg.logger, dataclasses.asdict(cfg))
+    ok = False
+    try:
+        metrics = _run(cfg, task, out, logger)
+        ok = True
+        return metrics
+    finally:
+        logger.finish(ok)
+
+
+def _run(cfg: EvalConfig, task: tasks.Task, out: Path, logger) -> dict:
+    loaded = load_model(cfg.model)
+    tok = loaded.tokenizer
+    ids = [task.prompt_ids(ex, tok) for ex in task.examples]
+    batches = shard_batches(ids, cfg.batch_size, cfg.shard_index, cfg.num_shards)
+    mine = [i for b in batches for i in b]
+    key = config_key(cfg)
+    path = out / SAMPLES
+    done = _resume(path, key, set(mine)) if cfg.resume else {}
+    if not cfg.resume and path.exists():
+        path.unlink()
+    if done:
+        log.info("resuming from %s: %d of %d samples already done", path, len(done), len(mine))
+    sampler = Sampler(loaded.model, loaded.info.ids, decode=tok.decode)
+    records = dict(done)
+    bar = tqdm(total=len(mine), initial=len(done), desc=f"eval {task.name}", unit="sample", disable=not cfg.progress)
+    with open(path, "a") as f, bar:
+        for batch in [[i for i in b if i not in done] for b in batches]:
+            if not batch:
+                continue
+            batch_id = uuid.uuid4().hex[:8]
+
+            def on_event(ev, batch=batch, batch_id=batch_id):
+                if isinstance(ev, Finished):  # written at once: a killed run loses no finished sample
+                    i = batch[ev.index]
+                    records[i] = _record(task, task.examples[i], ev.result, tok, key, batch_id)
+                    f.write(json.dumps(records[i]) + "\n")
+                    f.flush()
+                    bar.update(1)
+                    bar.set_postfix(accuracy=f"{sum(r['correct'] for r in records.values()) / len(records):.3f}",
+                                    refresh=False)
+
+            sampler.generate([_request(ids[i], cfg, i) for i in batch], on_event=on_event)
+    ordered = [records[i] for i in sorted(records)]
+    metrics = summarize(ordered)
+    metrics.update(complete=len(records) == len(mine), expected=len(mine), resumed=len(done), task=task.name,
+                   model=loaded.info.name, shard=dict(index=cfg.shard_index, num_shards=cfg.num_shards), key=key,
+                   wandb=logger.info(), fingerprint=fingerprint(loaded.info), config=dataclasses.asdict(cfg))
+    _write_json(out / METRICS, metrics)
+    logger.log(metrics, ordered)
+    log.info("%s on %s: accuracy %.4f (%d/%d), %.1f tokens/s, %.1f NFE/sample -> %s", loaded.info.name, task.name,
+             metrics["accuracy"], metrics["correct"], metrics["n"], metrics["tokens_per_s"], metrics["nfe_mean"], out)
+    return metrics
+
+
+def shard_batches(ids: list[list[int]], batch_size: int, shard_index: int, num_shards: int) -> list[list[int]]:
+    """This shard's batches of example indices. Examples are sorted by prompt length (less padding), cut into
+    fixed batches, and batch k belongs to shard k % num_shards — so every sample runs in the same batch whether
+    sharded or not."""
+    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    return [b for k, b in enumerate(batches) if k % num_shards == shard_index]
+
+
+def _request(prompt: list[int], cfg: EvalConfig, index: int) -> Request:
+    s = cfg.sampler
+    # Each sample draws from its own seed (seed + index): reproducible whatever its batch, shard or restart.
+    settings = dataclasses.replace(s, stop=list(s.stop) + list(cfg.task.stop),
+                                   seed=None if s.seed is None else s.seed + index)
+    return Request(prompt, settings)
+
+
+def _record(task, ex, result, tok, key: str, batch_id: str) -> dict:
+    output = tok.decode(result.tokens, skip_special_tokens=True)
+    if isinstance(result.stop, str) and result.stop in output:
+        output = output[:output.find(result.stop)]
+    st = result.stats
+    return dict(index=ex.index, prompt=task.prompt(ex), output=output, reference=ex.reference,
+                correct=bool(task.score(output, ex.reference)), nfe=st.nfe, tokens=len(result.tokens),
+                committed=st.committed, finish_reason=result.finish_reason, latency_s=st.wall_s,
+                forward_s=st.forward_s, batch=batch_id, key=key)
+
+
+def config_key(cfg: EvalConfig) -> str:
+    """A hash of what decides the samples (model, sampler, task): resumed and merged samples must share it."""
+    what = {k: dataclasses.asdict(getattr(cfg, k)) for k in ("model", "sampler", "task")}
+    return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------------- samples
+def read_samples(path: Path, repair: bool = False) -> list[dict]:
+    """The records of a samples.jsonl. A torn last line (the process died while writing it) is dropped — and cut
+    from the file when `repair` — any other unreadable line is an error."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    records, good = [], 0
+    for n, line in enumerate(lines):
+        if not line.strip():
+            good += len(line) + 1
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines) - 1:  # the last line, without its newline: a write cut short
+                log.warning("%s: dropping a torn last line (%d bytes)", path, len(line))
+                if repair:
+                    with open(path, "r+b") as f:
+                        f.truncate(good)
+                break
+            raise EvalError(f"{path}:{n + 1}: not a JSON line ({e}); the file is damaged") from e
+        good += len(line) + 1
+    return records
+
+
+def _resume(path: Path, key: str, mine: set[int]) -> dict[int, dict]:
+    done: dict[int, dict] = {}
+    for rec in read_samples(path, repair=True):
+        if rec.get("key") != key:
+            raise EvalError(f"{path} holds samples of another configuration (key {rec.get('key')} != {key}: model, "
+                            f"sampler or task changed); use a new output dir or resume=false to start over")
+        if rec["index"] not in mine:
+            raise EvalError(f"{path} holds sample {rec['index']}, which is not in this shard; "
+                            f"shard_index / num_shards / batch_size changed? use a new output dir")
+        done[rec["index"]] = rec
+    return done
+
+
+def summarize(records: list[dict]) -> dict:
+    """Metrics of a list of sample records (the same function for runs, resumes and merges).
+
+    tokens/s counts answer tokens over the time the sampler spent: per batch, its slowest sample's latency."""
+    n = len(records)
+    if n == 0:
+        raise EvalError("no samples to summarize (empty task or shard?)")
+    correct = sum(r["correct"] for r in records)
+    nfe = [r["nfe"] for r in records]
+    batch_time: dict[str, float] = {}
+    batch_forwards: dict[str, int] = {}
+    for r in records:
+        batch_time[r["batch"]] = max(batch_time.get(r["batch"], 0.0), r["latency_s"])
+        batch_forwards[r["batch"]] = max(batch_forwards.get(r["batch"], 0), r["nfe"])
+    seconds = sum(batch_time.values())
+    tokens = sum(r["tokens"] for r in records)
+    lat = np.array([r["latency_s"] for r in records])
+    return dict(
+        n=n, correct=correct, accuracy=correct / n,
+        tokens_per_s=tokens / seconds if seconds > 0 else 0.0, generated_tokens=tokens, answer_tokens_mean=tokens / n,
+        seconds=seconds, nfe_mean=sum(nfe) / n, nfe_total=sum(nfe), model_forwards=sum(batch_forwards.values()),
+        tokens_per_forward_mean=sum(r["committed"] / r["nfe"] for r in records if r["nfe"]) / n,
+        tokens_per_forward_total=sum(r["committed"] for r in records) / sum(nfe) if sum(nfe) else 0.0,
+        latency_mean_s=float(lat.mean()), latency_p50_s=float(np.percentile(lat, 50)),
+        latency_p90_s=float(np.percentile(lat, 90)), latency_p99_s=float(np.percentile(lat, 99)),
+        latency_max_s=float(lat.max()),
+        finished_by_length=sum(r["finish_reason"] == "length" for r in records),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- merge
+def merge(shard_dirs: list[Path], out: Path) -> dict:
+    """Join the output dirs of all shards of one evaluation into `out` (samples.jsonl by index + metrics.json)."""
+    if not shard_dirs:
+        raise EvalError("merge: no shard dirs given")
+    metas = []
+    for d in shard_dirs:
+        if not (Path(d) / METRICS).exists():
+            raise EvalError(f"merge: {d} has no {METRICS} (not an eval output dir, or the shard did not finish)")
+        metas.append(json.loads((Path(d) / METRICS).read_text()))
+    num = {m["shard"]["num_shards"] for m in metas}
+    keys = {m["key"] for m in metas}
+    if len(num) != 1 or len(keys) != 1:
+        raise EvalError(f"merge: the dirs are not shards of one evaluation (num_shards {sorted(num)}, "
+                        f"config keys {sorted(keys)})")
+    got = sorted(m["shard"]["index"] for m in metas)
+    if got != list(range(num.pop())):
+        raise EvalError(f"merge: need each shard index exactly once, got {got}")
+    for d, m in zip(shard_dirs, metas):
+        if not m["complete"]:
+            raise EvalError(f"merge: shard {m['shard']['index']} in {d} is incomplete ({m['n']}/{m['expected']}); "
+                            f"rerun it on the same dir to finish")
+    records = [r for d in shard_dirs for r in read_samples(Path(d) / SAMPLES)]
+    seen = [r["index"] for r in records]
+    if len(seen) != len(set(seen)):
+        raise EvalError("merge: a sample index appears in more than one shard")
+    records.sort(key=lambda r: r["index"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = dict(metas[0]["config"], shard_index=0, num_shards=1, output_dir=str(out))
+    metrics = summarize(records)
+    metrics.update(complete=True, expected=len(records), resumed=0, task=metas[0]["task"], model=metas[0]["model"],
+                   shard=dict(index=0, num_shards=1), key=metas[0]["key"], wandb=None,
+                   fingerprint=metas[0]["fingerprint"], config=config, merged_from=[str(d) for d in shard_dirs])
+    _write_json(out / METRICS, metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------- logging
+class _NoLogger:
+    def info(self) -> Optional[dict]:
+        return None
+
+    def log(self, metrics: dict, records: list[dict]) -> None:
+        pass
+
+    def finish(self, ok: bool) -> None:
+        pass
+
+
+class _WandbLogger:
+    """One W&B run per evaluation: config = the resolved config, summary = the metrics, a per-sample table."""
+
+    def __init__(self, cfg: LoggerConfig, config: dict):
+        self.cfg = cfg
+        self.run = init_wandb(cfg, config=config, job_type="eval")
+
+    def info(self) -> dict:
+        return dict(id=self.run.id, project=self.run.project, group=self.cfg.group, dir=self.run.dir)
+
+    def log(self, metrics: dict, records: list[dict]) -> None:
+        import wandb
+
+        self.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+        if self.cfg.log_samples:
+            cols = ["index", "prompt", "output", "reference", "correct", "nfe"]
+            self.run.log({"samples": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in records])})
+
+    def finish(self, ok: bool) -> None:
+        self.run.finish(exit_code=0 if ok else 1)
+
+
+def open_logger(cfg: LoggerConfig, config: dict):
+    if cfg.name == "none":
+        return _NoLogger()
+    if cfg.name == "wandb":
+        return _WandbLogger(cfg, config)
+    raise EvalError(f"logger.name must be none or wandb, got {cfg.name!r}")
+
+
+def wandb_mode(cfg: LoggerConfig) -> Optional[str]:
+    """logger.mode, else $WANDB_MODE (None: wandb reads it), else online with an API key and offline without."""
+    if cfg.mode is not None:
+        if cfg.mode not in WANDB_MODES:
+            raise EvalError(f"logger.mode must be one of {WANDB_MODES} or null, got {cfg.mode!r}")
+        return cfg.mode
+    if os.environ.get("WANDB_MODE"):
+        return None
+    if _has_wandb_key():
+        return "online"
+    log.info("W&B: no API key configured, logging offline (upload later with `wandb sync`)")
+    return "offline"
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def init_wandb(cfg: LoggerConfig, **kw):
+    """wandb.init with the logger config's project / entity / group / tags / mode / dir."""
+    import wandb
+
+    if cfg.dir:
+        Path(cfg.dir).mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags) or None,
+                      mode=wandb_mode(cfg), dir=cfg.dir, **kw)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def fingerprint(info) -> dict:
+    """Hardware and library versions, and the loaded model, for metrics.json."""
+    import torch
+
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    cuda = torch.cuda.is_available()
+    return dict(
+        hostname=socket.gethostname(), platform=platform.platform(), python=platform.python_version(),
+        cpu=_cpu_name(), cpu_count=os.cpu_count(), cuda=torch.version.cuda if cuda else None,
+        gpu=torch.cuda.get_device_name() if cuda else None, gpu_count=torch.cuda.device_count() if cuda else 0,
+        packages=versions, model=dict(dataclasses.asdict(info)),
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m llada_xp.evaluate", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    mp = sub.add_parser("merge", help="join the output dirs of all shards of one evaluation")
+    mp.add_argument("shards", nargs="+", type=Path, help="the shards' output dirs")
+    mp.add_argument("--out", type=Path, required=True, help="where the merged samples.jsonl and metrics.json go")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        m = merge(args.shards, args.out)
+    except EvalError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"merged {len(args.shards)} shards into {args.out}: accuracy {m['accuracy']:.4f} ({m['correct']}/{m['n']}), "
+          f"{m['tokens_per_s']:.1f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Sweep reports: every point of a multirun in one table (report.csv, report.md) and an accuracy-vs-tokens/s plot
+with the Pareto front marked (quality_vs_speed.png), all in the sweep dir and logged to the sweep's W&B group.
+
+Runs by itself after a multirun (`ReportCallback`, configured in conf/eval.yaml) or by hand:
+    python -m llada_xp.report SWEEP_DIR [--no-wandb]
+Reads only output dirs (metrics.json, .hydra/overrides.yaml); knows nothing about models or sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger(__name__)
+
+CSV, MARKDOWN, PLOT = "report.csv", "report.md", "quality_vs_speed.png"
+# metrics.json keys shown per point, with their format
+METRICS = {"accuracy": "{:.3f}", "tokens_per_s": "{:.1f}", "nfe_mean": "{:.1f}", "tokens_per_forward_total": "{:.2f}",
+           "latency_p50_s": "{:.3f}", "n": "{}"}
+
+
+class ReportError(RuntimeError):
+    """No report can be made from the given dir; the message says why."""
+
+
+@dataclass
+class Point:
+    dir: Path  # the job's output dir, relative to the sweep dir
+    overrides: dict[str, str]  # the job's command-line / sweeper overrides (key -> value)
+    metrics: dict[str, Any]  # metrics.json
+    pareto: bool = False
+    params: dict[str, str] = field(default_factory=dict)  # the swept overrides only
+
+
+@dataclass
+class Report:
+    points: list[Point]
+    swept: list[str]
+    csv: Path
+    markdown: Path
+    plot: Path
+    table: str  # the Markdown table
+
+
+def collect(sweep_dir: Path) -> list[Point]:
+    """Every finished point under `sweep_dir` (dirs with a metrics.json), in job order."""
+    points = []
+    for m in sweep_dir.rglob("metrics.json"):
+        d = m.parent
+        ov = d / ".hydra" / "overrides.yaml"
+        overrides = dict(_split(o) for o in _read_overrides(ov)) if ov.exists() else {}
+        points.append(Point(d.relative_to(sweep_dir), overrides, json.loads(m.read_text())))
+    points.sort(key=lambda p: [(0, int(s)) if s.isdigit() else (1, s) for s in p.dir.parts])
+    return points
+
+
+def _read_overrides(path: Path) -> list[str]:
+    import yaml
+
+    return [str(o) for o in yaml.safe_load(path.read_text()) or []]
+
+
+def _split(override: str) -> tuple[str, str]:
+    k, _, v = override.partition("=")
+    return k.lstrip("+~"), v
+
+
+def swept_keys(points: list[Point]) -> list[str]:
+    """Overrides whose value differs between points (in first-seen order)."""
+    keys: list[str] = []
+    for p in points:
+        keys += [k for k in p.overrides if k not in keys]
+    return [k for k in keys if len({p.overrides.get(k) for p in points}) > 1]
+
+
+def mark_pareto(points: list[Point]) -> None:
+    """A point is on the front when no other point is at least as accurate and as fast, and better in one."""
+    for p in points:
+        a, s = p.metrics["accuracy"], p.metrics["tokens_per_s"]
+        p.pareto = not any(q.metrics["accuracy"] >= a and q.metrics["tokens_per_s"] >= s
+                           and (q.metrics["accuracy"] > a or q.metrics["tokens_per_s"] > s) for q in points)
+
+
+def rows(points: list[Point], swept: list[str]) -> tuple[list[str], list[list[str]]]:
+    header = ["point", *swept, *METRICS, "pareto"]
+    body = [[str(p.dir), *(p.overrides.get(k, "") for k in swept), *(fmt.format(p.metrics[k]) for k, fmt in
+                                                                      METRICS.items()), "yes" if p.pareto else ""]
+            for p in points]
+    return header, body
+
+
+def markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body]) + "\n"
+
+
+def label(p: Point) -> str:
+    return ", ".join(f"{k.removeprefix('sampler.')}={v}" for k, v in p.params.items()) or str(p.dir)
+
+
+def plot(points: list[Point], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    xs = [p.metrics["tokens_per_s"] for p in points]
+    ys = [p.metrics["accuracy"] for p in points]
+    ax.scatter(xs, ys, color="tab:gray", zorder=2, label="sweep point")
+    front = sorted((p for p in points if p.pareto), key=lambda p: p.metrics["tokens_per_s"])
+    ax.plot([p.metrics["tokens_per_s"] for p in front], [p.metrics["accuracy"] for p in front], "o-",
+            color="tab:red", zorder=3, label="Pareto front")
+    for k, p in enumerate(points):  # labels alternate above / below so neighbours do not overprint
+        ax.annotate(label(p), (p.metrics["tokens_per_s"], p.metrics["accuracy"]), textcoords="offset points",
+                    xytext=(4, 5 if k % 2 == 0 else -11), fontsize=7)
+    ax.set_xlabel("tokens / s")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(sweep_dir: Path, log_wandb: bool = True) -> Report:
+    """Write the table and the plot for the sweep in `sweep_dir`; log them to W&B if the points used logger=wandb."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise ReportError(f"sweep dir not found: {sweep_dir}")
+    points = collect(sweep_dir)
+    if not points:
+        raise ReportError(f"no metrics.json under {sweep_dir}: no point of the sweep finished")
+    swept = swept_keys(points)
+    for p in points:
+        p.params = {k: p.overrides.get(k, "") for k in swept}
+    mark_pareto(points)
+    header, body = rows(points, swept)
+    with open(sweep_dir / CSV, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows([[p.dir, *(p.overrides.get(k, "") for k in swept), *(p.metrics[k] for k in METRICS),
+                      p.pareto] for p in points])
+    table = markdown(header, body)
+    (sweep_dir / MARKDOWN).write_text(table)
+    m0 = points[0].metrics
+    plot(points, sweep_dir / PLOT, f"{m0.get('model', '?')} on {m0.get('task', '?')}: accuracy vs tokens/s")
+    rep = Report(points, swept, sweep_dir / CSV, sweep_dir / MARKDOWN, sweep_dir / PLOT, table)
+    log.info("sweep report of %d points: %s, %s, %s", len(points), rep.csv, rep.markdown, rep.plot)
+    if log_wandb:
+        _log_wandb(rep, sweep_dir)
+    return rep
+
+
+def _log_wandb(rep: Report, sweep_dir: Path) -> None:
+    """One run of job_type "report" in the points' W&B group: the table and the plot."""
+    from llada_xp.config import LoggerConfig
+    from llada_xp.evaluate import init_wandb
+
+    cfgs = [p.metrics.get("config", {}).get("logger", {}) for p in rep.points]
+    cfgs = [c for c in cfgs if c.get("name") == "wandb"]
+    if not cfgs:
+        return
+    import wandb
+
+    cfg = LoggerConfig(**cfgs[0])
+    run = init_wandb(cfg, job_type="report", name=f"report-{cfg.group or sweep_dir.name}",
+                     config=dict(sweep_dir=str(sweep_dir), points=len(rep.points), swept=rep.swept))
+    ok = False
+    try:
+        header = ["point", *rep.swept, *METRICS, "pareto"]
+        data = [[str(p.dir), *(p.params[k] for k in rep.swept), *(p.metrics[k] for k in METRICS), p.pareto]
+                for p in rep.points]
+        run.log({"sweep": wandb.Table(columns=header, data=data), "quality_vs_speed": wandb.Image(str(rep.plot))})
+        ok = True
+    finally:
+        run.finish(exit_code=0 if ok else 1)
+
+
+class ReportCallback(Callback):
+    """Hydra callback: the sweep report when a multirun ends (conf/eval.yaml, hydra.callbacks.report)."""
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        report(Path(config.hydra.sweep.dir))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m llada_xp.report", description=__doc__.split("\n")[0])
+    ap.add_argument("sweep_dir", type=Path, help="a multirun's sweep dir (multirun/eval/DATE/TIME)")
+    ap.add_argument("--no-wandb", action="store_true", help="do not log to W&B even if the points did")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        rep = report(args.sweep_dir, log_wandb=not args.no_wandb)
+    except ReportError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(rep.table)
+    print(f"wrote {rep.csv}, {rep.markdown}, {rep.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""eval.py and the eval loop: metrics, samples, resume after a kill, shards + merge, W&B offline runs, sweeps.
+
+The slow tests run eval.py as a subprocess with real Hydra on the demo model (a tiny random model until the demo
+model exists); the rest call llada_xp.evaluate in-process with a tiny model.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from llada_xp.config import EvalConfig, LoggerConfig, ModelConfig, SamplerConfig, TaskConfig, register
+from llada_xp.evaluate import (METRICS, SAMPLES, TIMING_FIELDS, EvalError, evaluate, merge, read_samples, run,
+                               shard_batches, summarize)
+from llada_xp.loading import DEMO_DIR, special_ids
+from llada_xp.sampler import Request, Sampler
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = (DEMO_DIR / "config.json").exists()
+LIMIT, BATCH = 12, 4  # 3 batches
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random model (one answer ends early), and a jsonl task whose even references are its answers."""
+    d = tmp_path_factory.mktemp("tiny")
+    m = tiny.model(seed=13, dtype=torch.float32, sharpen=30.0, eos_boost=1.3)
+    tiny.write_hub_folder(d / "model", m)
+    words = [w for w in tiny.WORDS if w.strip()]
+    prompts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(2 + i % 9)) for i in range(LIMIT)]
+    tok = tiny.tokenizer()
+    ids = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True,
+                                   return_dict=False) for p in prompts]
+    settings = SamplerConfig(gen_length=16, steps=16, block_length=8)
+    outs = Sampler(m, special_ids(m.config, tok)).generate([Request(i, settings) for i in ids])
+    rows = [{"prompt": p, "answer": tok.decode(r.tokens, skip_special_tokens=True) if i % 2 == 0 else "cat"}
+            for i, (p, r) in enumerate(zip(prompts, outs))]
+    (d / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+@pytest.fixture(scope="module")
+def model_args(tiny_dir) -> list[str]:
+    """eval.py overrides: the demo model on its task, else the tiny model on a jsonl task."""
+    common = [f"task.limit={LIMIT}", f"batch_size={BATCH}", "progress=false", "sampler.block_length=8"]
+    if DEMO:
+        return ["model=demo", "task=demo", "sampler.gen_length=64", "sampler.steps=64", *common]
+    return ["model=hf", f"model.path={tiny_dir / 'model'}", "task=jsonl", f"task.path={tiny_dir / 'qa.jsonl'}",
+            "sampler.gen_length=16", "sampler.steps=16", *common]
+
+
+def env(tmp: Path) -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_DIR=str(tmp), OMP_NUM_THREADS="1",
+                WANDB_SILENT="true", PYTHONPATH=str(ROOT))
+
+
+def eval_py(args: list[str], tmp: Path, script: str = "eval.py", extra_env: dict = None, check=True):
+    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, env={**env(tmp), **(extra_env or {})},
+                       capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"eval.py {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    return p
+
+
+def stable(records: list[dict]) -> list[dict]:
+    """Sample records without timing fields, by index: what must be equal between identical evaluations."""
+    return sorted(({k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records), key=lambda r: r["index"])
+
+
+def wandb_records(path: Path):
+    """Records of a .wandb file (W&B's LevelDB-style log: 7-byte header, 32 KiB blocks, 7-byte record headers)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer
+            pos += 32768 - pos % 32768
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        buf += data[pos + 7:pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):  # FULL or LAST
+            r = pb.Record()
+            r.ParseFromString(buf)
+            buf = b""
+            yield r
+
+
+def wandb_runs(wandb_dir: Path) -> list[dict]:
+    """Each offline run under wandb_dir: group, job type, config, summary, logged keys, exit code."""
+    runs = []
+    for d in sorted((wandb_dir / "wandb").glob("offline-run-*")):
+        run = dict(dir=d, config={}, summary={}, logged=set(), exit=None)
+        for r in wandb_records(next(d.glob("*.wandb"))):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                run.update(group=r.run.run_group, job_type=r.run.job_type, project=r.run.project,
+                           tags=list(r.run.tags))
+                run["config"].update({u.key: json.loads(u.value_json) for u in r.run.config.update})
+            elif kind == "config":
+                run["config"].update({u.key: json.loads(u.value_json) for u in r.config.update})
+            elif kind == "summary":
+                run["summary"].update({u.key: json.loads(u.value_json) for u in r.summary.update})
+            elif kind == "history":
+                run["logged"] |= {(u.key or "/".join(u.nested_key)).split("/")[0] for u in r.history.item}
+            elif kind == "exit":
+                run["exit"] = r.exit.exit_code
+        runs.append(run)
+    return runs
+
+
+def tiny_cfg(tiny_dir: Path, out: Path, **kw) -> EvalConfig:
+    base = dict(model=ModelConfig(source="hf", path=str(tiny_dir / "model")),
+                sampler=SamplerConfig(gen_length=16, steps=16, block_length=8),
+                task=TaskConfig(name="jsonl", path=str(tiny_dir / "qa.jsonl")),
+                batch_size=BATCH, output_dir=str(out), progress=False)
+    return EvalConfig(**{**base, **kw})
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------------- in-process
+def test_shards_take_whole_batches_of_the_unsharded_run():
+    ids = [[0] * (i % 5 + 1) for i in range(23)]
+    whole = shard_batches(ids, 4, 0, 1)
+    parts = [shard_batches(ids, 4, k, 3) for k in range(3)]
+    assert sorted(b for p in parts for b in p) == sorted(whole)
+    assert sorted(i for b in whole for i in b) == list(range(23))
+    assert all(len({len(ids[i]) for i in b}) <= 2 for b in whole)  # sorted by prompt length: little padding
+
+
+def test_summary_counts_accuracy_nfe_and_batch_time():
+    rec = dict(nfe=4, tokens=6, committed=8, finish_reason="stop", forward_s=0.1)
+    records = [dict(rec, index=0, correct=True, latency_s=1.0, batch="a"),
+               dict(rec, index=1, correct=False, latency_s=2.0, batch="a"),
+               dict(rec, index=2, correct=True, latency_s=1.0, batch="b", nfe=8)]
+    m = summarize(records)
+    assert (m["n"], m["correct"], m["accuracy"]) == (3, 2, 2 / 3)
+    assert m["seconds"] == 3.0 and m["tokens_per_s"] == 18 / 3.0  # per batch: its slowest sample
+    assert (m["nfe_total"], m["nfe_mean"], m["model_forwards"]) == (16, 16 / 3, 12)
+    assert m["tokens_per_forward_total"] == 24 / 16 and m["tokens_per_forward_mean"] == (2 + 2 + 1) / 3
+    assert m["latency_max_s"] == 2.0 and m["latency_p50_s"] == 1.0
+
+
+def test_a_torn_last_line_is_dropped_and_cut_from_the_file(tmp_path):
+    p = tmp_path / SAMPLES
+    p.write_text('{"index": 0}\n{"index": 1}\n{"ind')
+    assert read_samples(p) == [{"index": 0}, {"index": 1}]
+    assert p.read_text().endswith('{"ind')  # reading alone leaves the file alone
+    assert read_samples(p, repair=True) == [{"index": 0}, {"index": 1}]
+    assert p.read_text() == '{"index": 0}\n{"index": 1}\n'
+    p.write_text('{"index": 0}\ngarbage\n{"index": 2}\n')
+    with pytest.raises(EvalError, match=f"{SAMPLES}:2"):
+        read_samples(p)
+
+
+def test_in_process_run_writes_samples_that_recompute_to_its_metrics(tiny_dir, tmp_path):
+    m = run(tiny_cfg(tiny_dir, tmp_path))
+    records = read_samples(tmp_path / SAMPLES)
+    assert len(records) == m["n"] == LIMIT and m["complete"] and m["resumed"] == 0
+    assert m["accuracy"] == sum(r["correct"] for r in records) / len(records)
+    assert {r["finish_reason"] for r in records} == {"stop", "length"}
+    assert 0 < m["accuracy"] < 1
+    assert json.loads((tmp_path / METRICS).read_text())["accuracy"] == m["accuracy"]
+    assert not (tmp_path / "wandb").exists()  # logger=none logs nothing
+
+
+def test_rerun_on_a_finished_dir_recomputes_nothing(tiny_dir, tmp_path):
+    first = run(tiny_cfg(tiny_dir, tmp_path))
+    before = (tmp_path / SAMPLES).read_text()
+    again = run(tiny_cfg(tiny_dir, tmp_path))
+    assert (tmp_path / SAMPLES).read_text() == before
+    assert again["resumed"] == LIMIT and again["accuracy"] == first["accuracy"]
+
+
+def test_resume_refuses_samples_of_another_configuration(tiny_dir, tmp_path):
+    run(tiny_cfg(tiny_dir, tmp_path, task=TaskConfig(name="jsonl", path=str(tiny_dir / "qa.jsonl"), limit=4)))
+    changed = tiny_cfg(tiny_dir, tmp_path, sampler=SamplerConfig(gen_length=16, steps=8, block_length=8))
+    with pytest.raises(EvalError, match="another configuration"):
+        run(changed)
+    fresh = run(dataclasses.replace(changed, resume=False))  # resume=false starts over
+    assert fresh["n"] == LIMIT and fresh["resumed"] == 0
+
+
+def test_evaluate_returns_the_configured_metric_and_rejects_unknown_ones(tiny_dir, tmp_path):
+    cfg = tiny_cfg(tiny_dir, tmp_path, task=TaskConfig(name="jsonl", path=str(tiny_dir / "qa.jsonl"), limit=4),
+                   metric="nfe_mean")
+    assert evaluate(cfg) == json.loads((tmp_path / METRICS).read_text())["nfe_mean"]
+    with pytest.raises(EvalError, match="metric='speed' is not a number"):
+        evaluate(dataclasses.replace(cfg, metric="speed"))
+
+
+def test_bad_settings_fail_before_loading_the_model(tmp_path):
+    cfg = EvalConfig(model=ModelConfig(source="hf", path=str(tmp_path / "nowhere")), task=TaskConfig(name="demo"),
+                     output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="threshold"):
+        run(dataclasses.replace(cfg, sampler=SamplerConfig(threshold=2.0)))
+    with pytest.raises(EvalError, match="shard_index"):
+        run(dataclasses.replace(cfg, shard_index=2, num_shards=2))
+
+
+def test_wandb_run_is_finished_as_failed_when_the_evaluation_fails(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_cfg(tiny_dir, tmp_path / "out", model=ModelConfig(source="hf", path=str(tmp_path / "no_model")),
+                   logger=LoggerConfig(name="wandb", mode="offline", group="g", tags=["t"], dir=str(tmp_path)))
+    from llada_xp.loading import ModelLoadError
+
+    with pytest.raises(ModelLoadError):
+        run(cfg)
+    (r,) = wandb_runs(tmp_path)
+    assert r["exit"] == 1 and r["group"] == "g" and r["tags"] == ["t"]
+    assert r["config"]["model"]["path"] == str(tmp_path / "no_model")
+
+
+def test_merge_refuses_incomplete_or_missing_shards(tiny_dir, tmp_path):
+    cfg = tiny_cfg(tiny_dir, tmp_path / "s0", num_shards=2)
+    run(cfg)
+    with pytest.raises(EvalError, match="each shard index exactly once"):
+        merge([tmp_path / "s0"], tmp_path / "merged")
+    with pytest.raises(EvalError, match="has no metrics.json"):
+        merge([tmp_path / "s0", tmp_path / "s1"], tmp_path / "merged")
+
+
+def test_every_experiment_composes_for_the_gpu_command():
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        base = compose("eval")
+        assert (base.model.source, base.task.name, base.logger.name, base.sampler.cache) == ("demo", "demo", "none",
+                                                                                                "dual")
+        for name, points in (("fast_dllm_ablation", 8), ("threshold_sweep", 7)):
+            overrides = [f"experiment={name}", "model=llada_8b_instruct", "task=gsm8k", "logger=wandb"]
+            hc = compose("eval", overrides=overrides, return_hydra_config=True).hydra
+            assert str(hc.mode) == "RunMode.MULTIRUN"
+            n = 1
+            for v in hc.sweeper.params.values():
+                n *= len(str(v).split(","))
+            assert n == points, name
+            cfg = OmegaConf.to_object(compose("eval", overrides=overrides))
+            assert isinstance(cfg, EvalConfig)
+            assert cfg.sampler.steps == cfg.sampler.gen_length == 256 and cfg.sampler.block_length == 32
+            assert (cfg.model.path, cfg.task.name, cfg.task.num_fewshot) == ("GSAI-ML/LLaDA-8B-Instruct", "gsm8k", 5)
+        abl = compose("eval", overrides=["experiment=fast_dllm_ablation"], return_hydra_config=True)
+        assert dict(abl.hydra.sweeper.params) == {"sampler.gen_length": "256,512", "sampler.cache": "none,prefix",
+                                                  "sampler.threshold": "null,0.9"}
+
+
+# --------------------------------------------------------------------------------------------------- eval.py
+@pytest.fixture(scope="module")
+def single(model_args, tmp_path_factory):
+    """One uninterrupted, unsharded eval.py run: the reference the other slow tests compare against."""
+    tmp = tmp_path_factory.mktemp("single")
+    eval_py([*model_args, f"hydra.run.dir={tmp / 'run'}"], tmp)
+    return tmp / "run"
+
+
+@pytest.mark.slow
+def test_eval_py_writes_metrics_and_samples_that_recompute_exactly(single):
+    m = json.loads((single / METRICS).read_text())
+    records = read_samples(single / SAMPLES)
+    assert m["n"] == len(records) == LIMIT and m["complete"]
+    assert m["correct"] == sum(r["correct"] for r in records)
+    assert m["accuracy"] == sum(r["correct"] for r in records) / len(records)
+    assert m["nfe_total"] == sum(r["nfe"] for r in records)
+    for key in ("tokens_per_s", "nfe_mean", "tokens_per_forward_mean", "tokens_per_forward_total", "latency_p50_s",
+                "latency_p99_s"):
+        assert m[key] > 0, key
+    assert set(records[0]) >= {"prompt", "output", "reference", "correct", "nfe"}
+    assert m["fingerprint"]["packages"]["torch"] == torch.__version__ and m["fingerprint"]["cpu_count"]
+    assert m["config"]["batch_size"] == BATCH and m["config"]["task"]["limit"] == LIMIT
+    assert m["config"]["sampler"]["steps"] == m["config"]["sampler"]["gen_length"]
+    if DEMO:
+        from llada_xp.demo.task import HELD_OUT_SEED, examples
+
+        assert m["task"] == "demo"
+        assert [r["reference"] for r in stable(records)] == [e.answer for e in examples(LIMIT, HELD_OUT_SEED)]
+    assert not (single.parent / "wandb").exists()
+
+
+@pytest.mark.slow
+def test_multirun_logs_each_point_to_one_wandb_group_and_reports(model_args, tmp_path):
+    sweep = tmp_path / "sweep"
+    eval_py(["-m", *model_args, "logger=wandb", "logger.tags=[ci]", "sampler.threshold=0.5,0.9",
+             "sampler.cache=none,dual", f"hydra.sweep.dir={sweep}"], tmp_path)
+    points = sorted(sweep.glob("[0-9]*/metrics.json"))
+    assert len(points) == 4
+    metrics = [json.loads(p.read_text()) for p in points]
+    runs = wandb_runs(tmp_path)
+    evals = sorted((r for r in runs if r["job_type"] == "eval"), key=lambda r: r["config"]["output_dir"])
+    (rep,) = [r for r in runs if r["job_type"] == "report"]
+    assert len(evals) == 4 and len({r["group"] for r in runs}) == 1 and evals[0]["group"]
+    for m, r in zip(metrics, evals):
+        assert r["config"] == {k: v for k, v in m["config"].items()} | {"_wandb": r["config"]["_wandb"]}
+        assert r["summary"]["accuracy"] == m["accuracy"] and r["summary"]["nfe_mean"] == m["nfe_mean"]
+        assert "samples" in r["logged"] and r["exit"] == 0 and r["tags"] == ["ci"]
+        assert m["wandb"]["id"] in r["dir"].name
+    assert [(m["config"]["sampler"]["threshold"], m["config"]["sampler"]["cache"]) for m in metrics] == [
+        (0.5, "none"), (0.5, "dual"), (0.9, "none"), (0.9, "dual")]
+    assert {"sweep", "quality_vs_speed"} <= rep["logged"] and rep["exit"] == 0
+    csv_rows = (sweep / "report.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 1 + 4 and csv_rows[0].startswith("point,sampler.threshold,sampler.cache,accuracy")
+    assert len((sweep / "report.md").read_text().strip().splitlines()) == 2 + 4
+    png = (sweep / "quality_vs_speed.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.slow
+def test_two_shards_merge_to_exactly_the_unsharded_result(single, model_args, tmp_path):
+    sweep = tmp_path / "shards"
+    eval_py(["-m", *model_args, "num_shards=2", "shard_index=0,1", f"hydra.sweep.dir={sweep}"], tmp_path)
+    shard_records = [read_samples(sweep / k / SAMPLES) for k in ("0", "1")]
+    assert all(shard_records) and sum(map(len, shard_records)) == LIMIT
+    from llada_xp.evaluate import main as evaluate_cli
+
+    evaluate_cli(["merge", str(sweep / "0"), str(sweep / "1"), "--out", str(tmp_path / "merged")])
+    merged = json.loads((tmp_path / "merged" / METRICS).read_text())
+    whole = json.loads((single / METRICS).read_text())
+    for key in ("n", "correct", "accuracy", "nfe_total", "nfe_mean", "generated_tokens", "tokens_per_forward_total",
+                "tokens_per_forward_mean", "model_forwards", "key"):
+        assert merged[key] == whole[key], key
+    assert stable(read_samples(tmp_path / "merged" / SAMPLES)) == stable(read_samples(single / SAMPLES))
+
+
+KILLER = """
+import os, runpy, signal, sys
+import llada_xp.evaluate as ev
+
+kill_after, calls = int(os.environ["KILL_AFTER"]), open(os.environ["CALLS"], "a")
+record = ev._record
+
+def counted(*a, **k):  # SIGKILL before the sample after `kill_after` is written
+    if sum(1 for _ in open(os.environ["CALLS"])) >= kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    calls.write("x\\n"); calls.flush()
+    return record(*a, **k)
+
+ev._record = counted
+sys.argv = ["eval.py", *sys.argv[1:]]
+runpy.run_path("eval.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_exactly_the_uninterrupted_result(single, model_args, tmp_path):
+    (tmp_path / "killer.py").write_text(KILLER)
+    out, calls = tmp_path / "run", tmp_path / "calls.txt"
+    args = [*model_args, f"hydra.run.dir={out}"]
+    kill_after = BATCH + 1  # one batch done, the next one cut short
+    p = eval_py(args, tmp_path, script=str(tmp_path / "killer.py"), check=False,
+                extra_env=dict(KILL_AFTER=str(kill_after), CALLS=str(calls)))
+    assert p.returncode == -signal.SIGKILL
+    written = (out / SAMPLES).read_text()
+    assert written.count("\n") == kill_after and not (out / METRICS).exists()
+    calls.write_text("")
+    eval_py(args, tmp_path, script=str(tmp_path / "killer.py"), extra_env=dict(KILL_AFTER="1000", CALLS=str(calls)))
+    assert calls.read_text().count("x") == LIMIT - kill_after  # written samples were not recomputed
+    assert (out / SAMPLES).read_text().startswith(written)
+    m = json.loads((out / METRICS).read_text())
+    whole = json.loads((single / METRICS).read_text())
+    assert m["resumed"] == kill_after and m["complete"]
+    for key in ("n", "correct", "accuracy", "nfe_total", "generated_tokens", "tokens_per_forward_total"):
+        assert m[key] == whole[key], key
+    assert stable(read_samples(out / SAMPLES)) == stable(read_samples(single / SAMPLES))
