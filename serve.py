@@ -1,5 +1,7 @@
 """Start the OpenAI-compatible server: python serve.py [model=...] [sampler=...] [server.port=8080] ...
 
+launcher=slurm submits it as a SLURM job instead and prints how to connect (llada_xp/launch.py).
+
 A thin Hydra entry point: compose conf/serve.yaml, turn it into a typed ServeConfig, call llada_xp.server.serve.
 A model that fails to load ends the process with status 1 and the reason.
 """
@@ -21,6 +23,13 @@ def main(cfg: DictConfig) -> None:
     from llada_xp.server import serve
 
     config: ServeConfig = OmegaConf.to_object(cfg)
+    if config.launcher.name == "slurm":  # submit the server as a SLURM job and follow it (llada_xp/launch.py)
+        from llada_xp.launch import serve_on_slurm
+
+        sys.exit(serve_on_slurm(config))
+    if config.launcher.name != "local":
+        log.error("cannot serve: launcher.name must be local or slurm, not %r", config.launcher.name)
+        sys.exit(1)
     try:
         serve(config)
     except (ModelLoadError, ValueError, OSError) as e:  # the reason, without a traceback

@@ -1,0 +1,343 @@
+"""Run the server as a SLURM job through submitit, and tell the user how to reach it.
+
+`serve_on_slurm(cfg)` submits `serve()` as a batch job, shows the job's state and its log live, prints the
+connection block once /health answers through the node's address, and cancels the job on Ctrl-C (or detaches).
+The job binds 0.0.0.0, advertises the node's name and always requires an API key (kept in a 0600 file).
+Writes to the terminal stream it is given (it is the CLI's front end); knows nothing about models or HTTP routes
+beyond /health. Evaluation sweeps use hydra-submitit-launcher instead (conf/launcher/slurm.yaml).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, TextIO
+
+from llada_xp.config import LauncherConfig, ServeConfig
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "server_info.json"
+KEY_FILE = "api_key"
+POLL_S = 0.5
+# States in which a job no longer runs (squeue shows them for MinJobAge after the end, sacct afterwards)
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
+
+
+# --------------------------------------------------------------------------------------------- resources
+def minutes(t: str | int) -> int:
+    """SLURM's time formats ([D-]HH:MM:SS, HH:MM:SS, MM:SS, MM) -> whole minutes (at least 1)."""
+    s = str(t).strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", s)
+    if not m:
+        raise ValueError(f"launcher.time: cannot read {t!r} (use [D-]HH:MM:SS, HH:MM:SS or minutes)")
+    days, a, b, c = (int(x) if x else None for x in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        secs = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:  # HH:MM:SS
+        secs = a * 3600 + b * 60 + c
+    elif b is not None:  # MM:SS
+        secs = a * 60 + b
+    else:  # MM
+        secs = a * 60
+    return max(1, math.ceil(secs / 60))
+
+
+def gigabytes(mem: Optional[str]) -> Optional[int]:
+    """sbatch --mem values (64G, 512M, 1T, plain MB) -> whole GB rounded up, for hydra-submitit's mem_gb."""
+    if mem is None:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)B?", str(mem).strip(), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"launcher.mem: cannot read {mem!r} (use e.g. 64G or 512M)")
+    scale = {"K": 1 / 2**20, "M": 1 / 1024, "": 1 / 1024, "G": 1, "T": 1024}[m.group(2).upper()]
+    return max(1, math.ceil(float(m.group(1)) * scale))
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers conf/launcher/slurm.yaml uses to map our fields onto hydra-submitit's."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("llada.minutes", minutes, replace=True)
+    OmegaConf.register_new_resolver("llada.gb", gigabytes, replace=True)
+    OmegaConf.register_new_resolver("llada.nonzero", lambda n: n or None, replace=True)
+
+
+def executor(lc: LauncherConfig, folder: str):
+    """A submitit executor for SLURM with the resources of `lc` (sbatch fails at submit if they don't exist)."""
+    import submitit
+
+    ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    params = dict(slurm_job_name=lc.job_name, timeout_min=minutes(lc.time), cpus_per_task=lc.cpus,
+                  slurm_additional_parameters=dict(lc.additional_parameters), slurm_setup=list(lc.setup))
+    for key, value in (("slurm_account", lc.account), ("slurm_partition", lc.partition), ("slurm_qos", lc.qos),
+                       ("slurm_mem", lc.mem), ("slurm_constraint", lc.constraint)):
+        if value is not None:
+            params[key] = value
+    if lc.gpus:
+        params["gpus_per_node"] = lc.gpus
+    if lc.container_image:
+        params["slurm_srun_args"] = shlex.split(lc.container_flags.format(image=lc.container_image, cwd=os.getcwd()))
+    ex.update_parameters(**params)
+    return ex
+
+
+# ------------------------------------------------------------------------------------------------- in the job
+def advertised_host() -> str:
+    """The name other machines reach this node by: its FQDN, else its hostname when the FQDN is only localhost."""
+    fqdn = socket.getfqdn()
+    return socket.gethostname() if fqdn.startswith("localhost") or not fqdn else fqdn
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` readable by the owner only (mode 0600 from creation on, never world-readable)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def serve_job(cfg: ServeConfig) -> None:
+    """The job's body: bind the node's address with an API key, write the server-info file, serve until cancelled."""
+    import submitit
+
+    from llada_xp.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env = submitit.JobEnvironment()
+    folder = Path(env.paths.folder).resolve()
+    node, port = advertised_host(), cfg.server.port or _free_port()
+    key = cfg.server.api_key or os.environ.get("LLADA_XP_API_KEY") or secrets.token_urlsafe(32)
+    write_private(folder / KEY_FILE, key + "\n")
+    cfg.server.host, cfg.server.port, cfg.server.api_key = "0.0.0.0", port, key
+    info = {"job_id": str(env.job_id), "node": node, "port": port, "url": f"http://{node}:{port}",
+            "base_url": f"http://{node}:{port}/v1", "health_url": f"http://{node}:{port}/health",
+            "key_file": str(folder / KEY_FILE)}
+    tmp = folder / (INFO_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(folder / INFO_FILE)
+    log.info("job %s: serving on %s (API key in %s)", env.job_id, info["url"], info["key_file"])
+    serve(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ SLURM queries
+@dataclass
+class JobState:
+    state: str  # PENDING, RUNNING, FAILED, ... ("" = SLURM does not know the job yet)
+    reason: str = ""
+    node: str = ""
+    exit_code: str = ""
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def job_state(job_id: str) -> JobState:
+    """The job's state and reason: squeue while SLURM holds it, sacct (accounting) after that."""
+    line = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r|%N"]).splitlines()
+    if line:
+        state, reason, node = (line[0].split("|") + ["", ""])[:3]
+        return JobState(state, "" if reason == "None" else reason, node)
+    return job_state_from_sacct(job_id) or JobState("")
+
+
+def stdout_folder(job_id: str) -> Optional[Path]:
+    """The folder holding the job's stdout log (submitit's job folder), from `scontrol show job`."""
+    m = re.search(r"StdOut=(\S+)", _run(["scontrol", "show", "job", job_id]))
+    return Path(m.group(1)).parent if m else None
+
+
+def health(url: str, timeout: float = 2.0) -> Optional[dict]:
+    """The /health body when the server answers 200, else None."""
+    import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per poll in the user's terminal
+    try:
+        r = httpx.get(url, timeout=timeout)
+        return r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ the terminal
+class Tail:
+    """Follows a growing log file, writing its complete new lines to a stream."""
+
+    def __init__(self, path: Path, stream: TextIO):
+        self.path, self.stream, self.offset, self.partial = path, stream, 0, b""
+
+    def pump(self, final: bool = False) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        self.offset += len(data)
+        data = self.partial + data
+        lines = data.split(b"\n")
+        self.partial = b"" if final else lines.pop()
+        for ln in lines if not final else [x for x in lines if x]:
+            self.stream.write(ln.decode(errors="replace") + "\n")
+        self.stream.flush()
+
+
+def last_lines(path: Path, n: int = 30) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def connection_block(job_id: str, node: str, port: int, login: str, key_file: Optional[str],
+                     info_file: Optional[str], model: Optional[str]) -> str:
+    """What the user needs to reach the server: the tunnel, the local URLs, a curl and an openai-client line."""
+    user, local = getpass.getuser(), f"http://localhost:{port}"
+    key = f"$(cat {key_file})" if key_file else "$LLADA_XP_API_KEY"
+    model = model or "MODEL"
+    lines = [
+        "=" * 78,
+        f"llada-xp server is up: SLURM job {job_id} on node {node}, port {port}",
+        "=" * 78,
+        f"API key:      {key_file or 'the configured key (server.api_key / $LLADA_XP_API_KEY)'}"
+        + (" (readable by you only)" if key_file else ""),
+    ]
+    if info_file:
+        lines.append(f"Server info:  {info_file}")
+    lines += [
+        "",
+        "1. On your machine, open an SSH tunnel (leave it running):",
+        f"   ssh -N -L {port}:{node}:{port} {user}@{login}",
+        "2. Then use the server at:",
+        f"   Health: {local}/health",
+        f"   Docs:   {local}/docs",
+        f"   API:    {local}/v1",
+        "3. Test it (copy the key file to your machine, or run these on the cluster with the node's URL):",
+        f"   export LLADA_XP_API_KEY={key}",
+        f'   curl -s {local}/v1/chat/completions -H "Authorization: Bearer $LLADA_XP_API_KEY" '
+        f"-H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"messages\": "
+        "[{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 32}'",
+        f"   python -c \"import os; from openai import OpenAI; c = OpenAI(base_url='{local}/v1', "
+        f"api_key=os.environ['LLADA_XP_API_KEY']); print(c.chat.completions.create(model='{model}', "
+        "messages=[{'role': 'user', 'content': 'Hello'}], max_tokens=32).choices[0].message.content)\"",
+        "",
+        f"On the cluster (no tunnel): http://{node}:{port}/v1",
+        f"Stop: Ctrl-C here, or scancel {job_id}.  Reconnect later: python -m llada_xp.connect {job_id}",
+        "=" * 78,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def login_host(configured: Optional[str]) -> str:
+    return configured or os.environ.get("SLURM_SUBMIT_HOST") or socket.getfqdn()
+
+
+# ------------------------------------------------------------------------------------------------ submitter
+def serve_on_slurm(cfg: ServeConfig, out: TextIO = sys.stdout) -> int:
+    """Submit the server, follow it until it ends or Ctrl-C; the process exit status (0 ok, 1 failed, 130 Ctrl-C)."""
+    from submitit.core.utils import FailedJobError
+
+    lc = cfg.launcher
+
+    def say(msg: str) -> None:
+        out.write(f"[launch] {msg}\n")
+        out.flush()
+
+    try:
+        ex = executor(lc, lc.folder)
+        job = ex.submit(serve_job, cfg)
+    except (FailedJobError, RuntimeError, OSError, ValueError) as e:
+        say(f"cannot submit the server job: {str(e).strip()}")
+        return 1
+    job_id = str(job.job_id)
+    folder = Path(job.paths.folder).resolve()
+    say(f"submitted job {job_id} (name {lc.job_name}, partition {lc.partition or 'default'}); logs in {folder}")
+    tails = [Tail(Path(job.paths.stdout), out), Tail(Path(job.paths.stderr), out)]
+    info_file = folder / INFO_FILE
+    last, connected = None, False
+    try:
+        while True:
+            st = job_state(job_id)
+            for t in tails:
+                t.pump()
+            shown = (st.state, st.reason)
+            if st.state and shown != last:
+                say(f"job {job_id}: {st.state}" + (f" ({st.reason})" if st.reason else "")
+                    + (f" on {st.node}" if st.state == "RUNNING" and st.node else ""))
+                last = shown
+            if st.state in ENDED:
+                time.sleep(POLL_S)
+                for t in tails:
+                    t.pump(final=True)
+                return _report_end(job_id, st, job, say, connected)
+            if st.state == "RUNNING" and not connected and info_file.exists():
+                info = json.loads(info_file.read_text())
+                body = health(info["health_url"])
+                if body is not None:
+                    connected = True
+                    out.write(connection_block(job_id, info["node"], info["port"], login_host(lc.login_host),
+                                               info["key_file"], str(info_file), (body.get("model") or {}).get("name")))
+                    out.flush()
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        if lc.detach_on_interrupt:
+            say(f"detached; job {job_id} keeps running. Reconnect: python -m llada_xp.connect {job_id}; "
+                f"stop: scancel {job_id}")
+            return 0
+        say(f"Ctrl-C: cancelling job {job_id}")
+        job.cancel(check=False)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            st = job_state(job_id)
+            if st.state in ENDED or not st.state:
+                break
+            time.sleep(POLL_S)
+        for t in tails:
+            t.pump(final=True)
+        say(f"job {job_id}: {st.state or 'gone'}")
+        return 130
+
+
+def _report_end(job_id: str, st: JobState, job, say, connected: bool) -> int:
+    """The job ended by itself: SLURM's state, reason and exit code, the log tail; 0 only if it completed."""
+    acct = job_state_from_sacct(job_id) or st
+    say(f"job {job_id} ended: State={acct.state} Reason={acct.reason or st.reason or 'None'} "
+        f"ExitCode={acct.exit_code or '?'}" + ("" if connected else " (the server never answered)"))
+    for name, path in (("stderr", Path(job.paths.stderr)), ("stdout", Path(job.paths.stdout))):
+        tail = last_lines(path)
+        if tail:
+            say(f"last lines of {path} ({name}):")
+            for ln in tail:
+                say("  " + ln)
+    return 0 if acct.state == "COMPLETED" else 1
+
+
+def job_state_from_sacct(job_id: str) -> Optional[JobState]:
+    rows = _run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "State,Reason,NodeList,ExitCode"]).splitlines()
+    if not rows:
+        return None
+    state, reason, node, code = (rows[0].split("|") + ["", "", ""])[:4]
+    return JobState(state.split()[0] if state else "", "" if reason == "None" else reason, node, code)

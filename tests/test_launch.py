@@ -1,0 +1,179 @@
+"""The SLURM launcher on a real cluster (CI starts one with .ci/slurm-up): serve.py and eval.py -m as jobs.
+
+Skipped only when SLURM's client commands are missing. Jobs ask for what the CI node has (no GPU, 1 CPU, 2G).
+Every test uses a fresh submitit folder: job ids restart when the cluster state is wiped.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llada_xp.launch import gigabytes, minutes
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = (ROOT / "llada_xp" / "demo" / "model" / "config.json").exists()
+SMALL = ["launcher.gpus=0", "launcher.cpus=1", "launcher.mem=2G", "launcher.partition=debug"]
+
+slurm = pytest.mark.skipif(shutil.which("sinfo") is None, reason="SLURM client commands (sinfo) are not installed")
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, slurm]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny")
+    tiny.write_hub_folder(d / "model", tiny.model(sharpen=4.0, dtype=torch.float32))
+    (d / "qa.jsonl").write_text('{"prompt": "cat dog", "answer": "cat"}\n{"prompt": "dog", "answer": "dog"}\n')
+    return d
+
+
+@pytest.fixture(scope="module")
+def model_args(tiny_dir) -> list[str]:
+    if DEMO:
+        return ["model=demo", "model.name=tiny"]
+    return ["model=hf", f"model.path={tiny_dir / 'model'}", "model.name=tiny"]
+
+
+def env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+class Output:
+    """A process's merged stdout/stderr, read on a thread so that waiting for a line never blocks."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.text = proc, ""
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.text += line
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            m = re.search(pattern, self.text)
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                self.thread.join(2)
+                m = re.search(pattern, self.text)
+                if m:
+                    return m
+                raise AssertionError(f"exited {self.proc.returncode} before {pattern!r}:\n{self.text[-4000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"no {pattern!r} within {timeout}s:\n{self.text[-4000:]}")
+
+
+def sacct_state(job_id: str, timeout: float = 20) -> str:
+    deadline, state = time.time() + timeout, ""
+    while time.time() < deadline:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "State"], capture_output=True,
+                             text=True).stdout.split()
+        state = out[0] if out else ""
+        if state and state not in ("PENDING", "RUNNING", "COMPLETING"):
+            return state
+        time.sleep(0.5)
+    return state
+
+
+def test_time_and_memory_are_read_in_slurm_formats():
+    assert [minutes(t) for t in ("4:00:00", "1-00:00:00", "90", "1:30", "0:00:10")] == [240, 1440, 90, 2, 1]
+    assert [gigabytes(m) for m in ("64G", "512M", "1T", None)] == [64, 1, 1024, None]
+    with pytest.raises(ValueError, match="launcher.time"):
+        minutes("four hours")
+
+
+def test_served_job_is_reachable_with_its_key_and_cancelled_by_ctrl_c(tmp_path, model_args):
+    from openai import AuthenticationError, OpenAI
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "launcher=slurm", *SMALL,
+                             f"launcher.folder={tmp_path}/slurm/%j", *model_args, "server.port=0",
+                             f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = Output(proc)
+    try:
+        job_id = out.wait_for(r"submitted job (\d+)", 30).group(1)
+        out.wait_for(r"Reconnect later", 90)
+        info_file = Path(out.wait_for(r"Server info:\s+(\S+)", 1).group(1))
+        info = json.loads(info_file.read_text())
+        assert info["job_id"] == job_id and f"ssh -N -L {info['port']}:{info['node']}:{info['port']}" in out.text
+        assert f"job {job_id}: RUNNING" in out.text and "Uvicorn running" in out.text  # state and job log, live
+        key_file = Path(info["key_file"])
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = key_file.read_text().strip()
+
+        client = OpenAI(base_url=info["base_url"], api_key=key, max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data][0] == "tiny"
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "cat"}],
+                                               max_tokens=8, extra_body={"steps": 8, "block_length": 8})
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=info["base_url"], api_key="wrong", max_retries=0).models.list()
+
+        connect = subprocess.run([sys.executable, "-m", "llada_xp.connect", job_id], capture_output=True, text=True,
+                                 cwd=ROOT, env=env(), timeout=60)
+        assert connect.returncode == 0, connect.stderr
+        assert f"on node {info['node']}" in connect.stdout and "is healthy" in connect.stdout
+
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        assert proc.returncode == 130
+        assert sacct_state(job_id).startswith("CANCELLED")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_job_that_dies_is_reported_with_slurm_state_and_log_tail(tmp_path):
+    t0 = time.time()
+    p = subprocess.run([sys.executable, str(ROOT / "serve.py"), "launcher=slurm", *SMALL,
+                        f"launcher.folder={tmp_path}/slurm/%j", "model=hf", f"model.path={tmp_path}/missing",
+                        f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env(), text=True, capture_output=True,
+                       timeout=120)
+    assert p.returncode == 1
+    assert re.search(r"ended: State=FAILED .*ExitCode=1", p.stdout), p.stdout[-3000:]
+    assert "model folder not found" in p.stdout.split("ended:")[1]  # in the tail printed with the report
+    assert time.time() - t0 < 60
+
+
+def test_bad_partition_fails_at_submit_with_sbatch_reason(tmp_path, model_args):
+    p = subprocess.run([sys.executable, str(ROOT / "serve.py"), "launcher=slurm", *SMALL, "launcher.partition=nope",
+                        f"launcher.folder={tmp_path}/slurm/%j", *model_args, f"hydra.run.dir={tmp_path}/run"],
+                       cwd=tmp_path, env=env(), text=True, capture_output=True, timeout=60)
+    assert p.returncode == 1 and "invalid partition" in p.stdout.lower()
+
+
+def test_connect_reports_a_job_that_is_not_running():
+    p = subprocess.run([sys.executable, "-m", "llada_xp.connect", "999999"], capture_output=True, text=True,
+                       cwd=ROOT, env=env(), timeout=60)
+    assert p.returncode == 1 and "is not running" in p.stderr
+
+
+@pytest.mark.skipif(not (ROOT / "eval.py").exists(), reason="eval.py does not exist yet")
+def test_eval_sweep_runs_as_a_job_array_with_every_result(tmp_path, tiny_dir):
+    sweep = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "-m", "launcher=slurm", *SMALL,
+                        "sampler.threshold=0.7,0.9", "model=hf", f"model.path={tiny_dir / 'model'}", "task=jsonl",
+                        f"task.path={tiny_dir / 'qa.jsonl'}", "task.limit=2", "sampler.gen_length=8",
+                        "sampler.steps=8", "sampler.block_length=8", "progress=false", f"hydra.sweep.dir={sweep}"],
+                       cwd=ROOT, env=env(), text=True, capture_output=True, timeout=150)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert all((sweep / str(i) / "metrics.json").exists() for i in (0, 1))
+    arrays = [d.name for d in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", d.name)]
+    assert len(arrays) == 2 and len({a.split("_")[0] for a in arrays}) == 1  # one array, two tasks
+    array_id = arrays[0].split("_")[0]
+    states = subprocess.run(["sacct", "-n", "-P", "-X", "-j", array_id, "-o", "State"], capture_output=True,
+                            text=True).stdout.split()
+    assert states == ["COMPLETED", "COMPLETED"]
