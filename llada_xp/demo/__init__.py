@@ -1,0 +1,1 @@
+"""The bundled demo model: its task, tokenizer, training script and held-out check."""
