@@ -130,7 +130,7 @@ def load_model(cfg: ModelConfig) -> Loaded:
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the tokenizer from {where}: {e}") from e
     model = model.to(device).eval()
-    name = cfg.name or Path(path.rstrip("/")).name
+    name = cfg.name or ("llada-xp-demo" if cfg.source == "demo" else Path(path.rstrip("/")).name)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("loaded %s (%s, %.1fM parameters) on %s as %s", name, where, n_params / 1e6, device, dtype)
     return Loaded(model, tokenizer, ModelInfo(
