@@ -404,3 +404,30 @@ def test_conversion_memory_is_about_one_tensor_not_the_checkpoint(tmp_path):
     r0, r1 = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"converting a {size / 1e6:.0f} MB checkpoint grew peak RSS by {(r1 - r0) / 1e6:.1f} MB")
     assert r1 - r0 < size / 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO_DIR / "config.json").is_file(), reason="the demo model is not trained yet")
+def test_serve_py_serves_a_dcp_checkpoint_and_a_second_start_reuses_the_cache(tmp_path):
+    from tests.test_server import Process
+
+    path = write_run(tmp_path / "run", DEMO_DIR, "v2_dcp_folder")
+    cache = tmp_path / "cache"
+    overrides = ["model=dcp", f"model.path={path}", f"model.base_model={DEMO_DIR}", f"model.cache_dir={cache}",
+                 "server.log_level=info"]
+    answers, marks = [], []
+    for run in ("first", "second"):
+        (tmp_path / run).mkdir()
+        srv = Process(overrides, tmp_path / run).wait_ready()
+        try:
+            r = srv.client().chat.completions.create(model=srv.http.get("/v1/models").json()["data"][0]["id"],
+                                                     messages=[{"role": "user", "content": "Copy: the cat"}],
+                                                     max_tokens=16, temperature=0)
+            answers.append(r.choices[0].message.content)
+            marks.append([p.stat().st_mtime_ns for p in cache.rglob(checkpoint.COMPLETE)])
+        finally:
+            srv.stop()
+    log1, log2 = ((tmp_path / run / "serve.log").read_text() for run in ("first", "second"))
+    assert len(marks[0]) == 1 and marks[0] == marks[1]  # one cache entry, not rewritten by the second start
+    assert "converting" in log1 and "converting" not in log2 and "reusing the conversion" in log2
+    assert answers[0] == answers[1]
