@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,33 +96,47 @@ def wandb_records(path: Path):
         buf += data[pos + 7:pos + 7 + n]
         pos += 7 + n
         if kind in (1, 4):  # FULL or LAST
+            if pos > len(data):  # a record still being written
+                return
             r = pb.Record()
             r.ParseFromString(buf)
             buf = b""
             yield r
 
 
-def wandb_runs(wandb_dir: Path) -> list[dict]:
-    """Each offline run under wandb_dir: group, job type, config, summary, logged keys, exit code."""
-    runs = []
-    for d in sorted((wandb_dir / "wandb").glob("offline-run-*")):
-        run = dict(dir=d, config={}, summary={}, logged=set(), exit=None)
-        for r in wandb_records(next(d.glob("*.wandb"))):
-            kind = r.WhichOneof("record_type")
-            if kind == "run":
-                run.update(group=r.run.run_group, job_type=r.run.job_type, project=r.run.project,
-                           tags=list(r.run.tags))
-                run["config"].update({u.key: json.loads(u.value_json) for u in r.run.config.update})
-            elif kind == "config":
-                run["config"].update({u.key: json.loads(u.value_json) for u in r.config.update})
-            elif kind == "summary":
-                run["summary"].update({u.key: json.loads(u.value_json) for u in r.summary.update})
-            elif kind == "history":
-                run["logged"] |= {(u.key or "/".join(u.nested_key)).split("/")[0] for u in r.history.item}
-            elif kind == "exit":
-                run["exit"] = r.exit.exit_code
-        runs.append(run)
-    return runs
+def wandb_runs(wandb_dir: Path, timeout: float = 20.0) -> list[dict]:
+    """Each offline run under wandb_dir: group, job type, config, summary, logged keys, exit code.
+
+    wandb's service process may still be flushing a run's .wandb file after finish() returns: read until every run
+    has its run and exit records (or the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [_read_run(d) for d in sorted((wandb_dir / "wandb").glob("offline-run-*"))]
+        if all("group" in r and r["exit"] is not None for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
+
+
+def _read_run(d: Path) -> dict:
+    run = dict(dir=d, config={}, summary={}, logged=set(), exit=None)
+    f = next(d.glob("*.wandb"), None)
+    if f is None or f.stat().st_size < 7:
+        return run
+    for r in wandb_records(f):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            run.update(group=r.run.run_group, job_type=r.run.job_type, project=r.run.project,
+                       tags=list(r.run.tags))
+            run["config"].update({u.key: json.loads(u.value_json) for u in r.run.config.update})
+        elif kind == "config":
+            run["config"].update({u.key: json.loads(u.value_json) for u in r.config.update})
+        elif kind == "summary":
+            run["summary"].update({u.key: json.loads(u.value_json) for u in r.summary.update})
+        elif kind == "history":
+            run["logged"] |= {(u.key or "/".join(u.nested_key)).split("/")[0] for u in r.history.item}
+        elif kind == "exit":
+            run["exit"] = r.exit.exit_code
+    return run
 
 
 def tiny_cfg(tiny_dir: Path, out: Path, **kw) -> EvalConfig:
