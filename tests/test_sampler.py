@@ -148,7 +148,8 @@ def test_same_seed_same_tokens_whatever_the_batch_at_any_temperature(sharp):
     others = [Request([7, 8], replace(st, seed=s)) for s in (1, 2)]
     got = Sampler(sharp, ids_of(sharp)).generate([others[0], Request([3, 4, 5], st), others[1]])[1]
     assert got.tokens == alone.tokens
-    assert run_one(sharp, [3, 4, 5], replace(st, seed=43)).tokens != alone.tokens or True  # differs in general
+    others = {tuple(run_one(sharp, [3, 4, 5], replace(st, seed=s)).tokens) for s in range(43, 47)}
+    assert len(others | {tuple(alone.tokens)}) > 1  # the seed matters: sampling really draws
 
 
 def test_early_stop_changes_no_text_and_lowers_nfe(eosy):
