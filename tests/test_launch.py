@@ -109,7 +109,8 @@ def test_served_job_is_reachable_with_its_key_and_cancelled_by_ctrl_c(tmp_path, 
         info_file = Path(out.wait_for(r"Server info:\s+(\S+)", 1).group(1))
         info = json.loads(info_file.read_text())
         assert info["job_id"] == job_id and f"ssh -N -L {info['port']}:{info['node']}:{info['port']}" in out.text
-        assert f"job {job_id}: RUNNING" in out.text and "Uvicorn running" in out.text  # state and job log, live
+        assert f"job {job_id}: RUNNING" in out.text  # the state, shown live
+        out.wait_for("Uvicorn running", 15)  # the job's log, streamed (it may land just after the block)
         key_file = Path(info["key_file"])
         assert key_file.stat().st_mode & 0o777 == 0o600
         key = key_file.read_text().strip()
