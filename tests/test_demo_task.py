@@ -40,17 +40,18 @@ def test_held_out_seed_differs_and_training_never_sees_held_out_prompts():
 def test_answers_are_correct():
     for e in examples(500, 3):
         items = e.prompt.split(": ", 1)[1]
-        if e.skill == "add":
-            a, b = map(int, items.split(" + "))
-            assert e.answer == f"{a} + {b} = {a + b}"
-        elif e.skill == "sort":
-            assert e.answer == " ".join(sorted(items.split()))
-        elif e.skill == "reverse":
-            assert e.answer == (" ".join(items.split()[::-1]) if " " in items else items[::-1])
-        elif e.skill == "upper":
-            assert e.answer == items.upper()
+        if e.skill in ("add", "subtract"):
+            a, op, b = items.split()
+            assert e.answer == f"{items} = {int(a) + int(b) if op == '+' else int(a) - int(b)}"
         else:
-            assert e.answer == items
+            xs = items.split()
+            assert len(set(xs)) == len(xs) >= 3
+            assert e.answer.split(", ") == sorted(xs, reverse=e.skill == "sort_descending")
+
+
+def test_answers_vary_in_length(tok):
+    lengths = [len(tok.encode(e.answer)) for e in examples(2000, 5)]
+    assert min(lengths) == 5 and max(lengths) == 23  # 3 to 12 sorted items; with block_length 8 or 16, several blocks
 
 
 def test_score_is_exact_match_after_stripping():
@@ -133,7 +134,6 @@ def test_training_is_deterministic_per_seed(tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
-@pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").exists(), reason="demo model not trained yet")
 def test_bundled_model_is_small_and_its_ids_are_the_tokenizers():
     import llada_xp  # noqa: F401  (registers model_type "llada")
     from transformers import AutoConfig
@@ -145,3 +145,20 @@ def test_bundled_model_is_small_and_its_ids_are_the_tokenizers():
         loaded.mask_token_id, loaded.eos_token_id, loaded.pad_token_id)
     assert config.max_sequence_length >= 256 and config.vocab_size >= len(loaded)
     assert json.loads((MODEL_DIR / "training.json").read_text())["seed"] == TRAIN_SEED
+
+
+def test_bundled_model_solves_its_held_out_task():
+    """Issue #4's bar on 200 held-out examples: >= 90% with the reference sampler; dual cache + threshold 0.9 within
+    3 points at >= 2 tokens per forward. (The README quotes the 500-example figures from training.json.)"""
+    from llada_xp.config import ModelConfig
+    from llada_xp.demo.check import accuracy
+    from llada_xp.demo.train import final_settings
+    from llada_xp.loading import load_model
+
+    loaded = load_model(ModelConfig(source="demo"))
+    settings = final_settings(64)
+    ref = accuracy(loaded.model, loaded.tokenizer, settings["reference"], n=200)
+    fast = accuracy(loaded.model, loaded.tokenizer, settings["dual_threshold_0_9"], n=200)
+    assert ref["accuracy"] >= 0.9, ref
+    assert fast["accuracy"] >= ref["accuracy"] - 0.03 and fast["tokens_per_forward"] >= 2, fast
+    assert min(ref["per_skill"].values()) >= 0.8, ref  # every skill learnt, not just the easy ones

@@ -124,6 +124,36 @@ def test_every_fast_dllm_mode_equals_reference_tokens_and_nfe(flat, sharp, cache
     assert multi >= 3  # the threshold/factor paths really committed several tokens per step
 
 
+@pytest.fixture(scope="module")
+def demo():
+    """The bundled demo model and held-out demo prompts: a trained model's real confidences."""
+    from llada_xp.config import ModelConfig
+    from llada_xp.demo.check import prompt_ids
+    from llada_xp.demo.task import HELD_OUT_SEED, examples
+    from llada_xp.loading import load_model
+
+    loaded = load_model(ModelConfig(source="demo"))
+    prompts = [prompt_ids(loaded.tokenizer, e.prompt) for e in examples(12, HELD_OUT_SEED)]
+    return loaded.model, loaded.info.ids, prompts
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_demo_model_threshold_and_factor_paths_equal_reference(demo, cache):
+    """On the trained demo model the parallel rules commit many tokens per forward, and still match the reference."""
+    model, ids, prompts = demo
+    sampler = Sampler(model, ids)
+    committed = nfe = 0
+    for i, prompt in enumerate(prompts):
+        rule = dict(threshold=0.9, factor=None) if i % 2 else dict(threshold=None, factor=1.0)
+        st = SamplerConfig(gen_length=48, block_length=16, steps=48, cache=cache, early_stop=False, **rule)
+        want, want_nfe = ref.generate(model, prompt, st, ids)
+        got = sampler.generate([Request(prompt, st)])[0]
+        assert got.tokens == ref.cut(want, ids.stops), (i, st)
+        assert got.stats.nfe == want_nfe, (i, st)
+        committed, nfe = committed + got.stats.committed, nfe + got.stats.nfe
+    assert committed / nfe >= 2, f"only {committed / nfe:.2f} tokens per forward: the demo model is not confident"
+
+
 def test_batched_equals_single_row_in_every_mode(flat, sharp):
     rng = random.Random(7)
     for trial in range(12):
