@@ -5,13 +5,14 @@
 `server`: starts the server (serve() in a child process with --threads torch threads; config composed from
 conf/serve.yaml plus Hydra overrides) unless --url names a running one, then drives it with N concurrent clients
 sending demo-task chat requests (held-out prompts), and prints throughput and latency percentiles per concurrency
-level. Every level sends the same prompts. Knows nothing about the server's internals: it only speaks HTTP.
+level. Every level sends the same prompts. It speaks only HTTP to the server; beforehand (--ceiling, on by default
+when it starts the server) it times the Sampler alone on the same model, settings and prompts in batches of each
+level's size, which shows how much batching can give on this device at all.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import os
 import platform
@@ -27,7 +28,6 @@ from typing import Optional
 log = logging.getLogger("llada_xp.bench")
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-FALLBACK_PROMPTS = ["Add: 12 + 30", "Sort: d a c b", "Reverse: hello", "Count a: a b a c a", "Copy: the cat sat"]
 
 
 # ------------------------------------------------------------------------------------------------ server
@@ -63,12 +63,9 @@ def _serve_child() -> None:
 
 
 def _prompts(n: int) -> list[str]:
-    try:
-        from llada_xp.demo.task import HELD_OUT_SEED, examples
+    from llada_xp.demo.task import HELD_OUT_SEED, examples
 
-        return [e.prompt for e in examples(n, HELD_OUT_SEED)]
-    except ImportError:
-        return list(itertools.islice(itertools.cycle(FALLBACK_PROMPTS), n))
+    return [e.prompt for e in examples(n, HELD_OUT_SEED)]
 
 
 def _wait_ready(http, proc: Optional[subprocess.Popen], timeout: float = 300.0) -> dict:
@@ -128,27 +125,56 @@ def _level(url: str, prompts: list[str], concurrency: int, body: dict) -> dict:
             "p50": q[49], "p90": q[89], "p99": q[98]}
 
 
+def sampler_ceiling(cfg, prompts: list[str], levels: list[int], body: dict, threads: int) -> dict[int, float]:
+    """tokens/s of the Sampler alone (no HTTP, no engine) on the server's model, settings and prompts, decoding the
+    prompts in batches of each level's size: the most a server batching that many requests can reach on this device."""
+    import torch
+
+    from llada_xp.loading import load_model
+    from llada_xp.protocol import ChatCompletionRequest
+    from llada_xp.sampler import Request, Sampler
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    loaded = load_model(cfg.model)
+    sampler = Sampler(loaded.model, loaded.info.ids, decode=loaded.tokenizer.decode)
+    reqs = []
+    for text in prompts:
+        chat = ChatCompletionRequest(**body, messages=[{"role": "user", "content": text}])
+        reqs.append((chat.prompt_ids(loaded.tokenizer), chat.settings(cfg.sampler)[0]))
+    out = {}
+    for c in levels:
+        sampler.generate([Request(p, st) for p, st in reqs[:c]])  # warm-up
+        t, tokens = time.perf_counter(), 0
+        for i in range(0, len(reqs), c):
+            tokens += sum(len(r.tokens) for r in sampler.generate([Request(p, st) for p, st in reqs[i:i + c]]))
+        out[c] = tokens / (time.perf_counter() - t)
+    del loaded, sampler
+    return out
+
+
 def bench_server(args: argparse.Namespace) -> int:
     import httpx
 
     levels = [int(c) for c in args.concurrency.split(",")]
     overrides = list(args.overrides)
-    proc = None
-    url = args.url
+    body = {"max_tokens": args.max_tokens, "temperature": 0.0}
+    prompts = _prompts(max(args.requests, max(levels) * args.rounds))
+    proc, url, ceiling = None, args.url, {}
     if url is None:
         port = _free_port()
         model = ["model=demo"] if args.model == "demo" else ["model=hf", f"model.path={args.model}"]
         overrides = model + [f"server.port={port}", "server.log_level=warning",
                              f"server.max_batch_size={max(levels)}"] + overrides
-        compose_serve_config(overrides)  # fail here, not in the child, on a bad override
+        cfg = compose_serve_config(overrides)  # fail here, not in the child, on a bad override
+        if args.ceiling:  # before the server starts: the two never share the CPU
+            ceiling = sampler_ceiling(cfg, prompts[:max(args.requests, max(levels))], levels, body, args.threads)
         proc = subprocess.Popen([sys.executable, "-c", "from llada_xp.bench import _serve_child; _serve_child()",
                                  str(args.threads), *overrides])
         url = f"http://127.0.0.1:{port}"
-    body = {"max_tokens": args.max_tokens, "temperature": 0.0}
     try:
         with httpx.Client(base_url=url, timeout=60) as http:
             health = _wait_ready(http, proc)
-        prompts = _prompts(max(args.requests, max(levels) * args.rounds))
         _level(url, prompts[:max(levels)], max(levels), body)  # warm-up
         rows = []
         for c in levels:
@@ -169,12 +195,21 @@ def bench_server(args: argparse.Namespace) -> int:
           f"temperature 0; overrides: {' '.join(overrides)}")
     head = f"{'conc':>5} {'reqs':>5} {'tokens':>7} {'wall s':>8} {'tok/s':>8} {'req/s':>7} {'p50 s':>7} " \
            f"{'p90 s':>7} {'p99 s':>7} {'× c=1':>6}"
+    if ceiling:
+        head += f" {'sampler tok/s':>13} {'× c=1':>6}"
     print(head)
     base = rows[0]["tok_s"] if rows and rows[0]["concurrency"] == 1 else None
     for r in rows:
         ratio = f"{r['tok_s'] / base:6.2f}" if base else f"{'-':>6}"
-        print(f"{r['concurrency']:>5} {r['requests']:>5} {r['tokens']:>7} {r['wall_s']:>8.2f} {r['tok_s']:>8.1f} "
-              f"{r['req_s']:>7.2f} {r['p50']:>7.3f} {r['p90']:>7.3f} {r['p99']:>7.3f} {ratio}")
+        line = f"{r['concurrency']:>5} {r['requests']:>5} {r['tokens']:>7} {r['wall_s']:>8.2f} {r['tok_s']:>8.1f} " \
+               f"{r['req_s']:>7.2f} {r['p50']:>7.3f} {r['p90']:>7.3f} {r['p99']:>7.3f} {ratio}"
+        if ceiling:
+            c = ceiling[r["concurrency"]]
+            line += f" {c:>13.1f} {c / ceiling[1]:6.2f}" if 1 in ceiling else f" {c:>13.1f} {'-':>6}"
+        print(line)
+    if ceiling:
+        print("sampler tok/s: the Sampler alone (no HTTP, no engine) decoding the same prompts in batches of the "
+              "level's size — the most batching can give on this device")
     return 1 if any(r["errors"] for r in rows) else 0
 
 
@@ -270,11 +305,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default 1,4,16)")
     s.add_argument("--model", default="demo", help="demo, or a local model folder in the LLaDA Hub layout")
     s.add_argument("--url", default=None, help="bench a running server instead of starting one")
-    s.add_argument("--requests", type=int, default=16, help="at least this many requests per level")
-    s.add_argument("--rounds", type=int, default=4, help="at least this many requests per client per level")
+    s.add_argument("--requests", type=int, default=128, help="at least this many requests per level")
+    s.add_argument("--rounds", type=int, default=16, help="at least this many requests per client per level")
     s.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads in the server (default 1: on a shared "
                                                           "CPU more threads oversubscribe it; 0 = torch's default)")
+    s.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                   help="first time the Sampler alone (no HTTP) at each level's batch size, for comparison")
     s.add_argument("overrides", nargs="*", help="Hydra overrides for the server, e.g. sampler=llada")
     s.set_defaults(func=bench_server)
     b = sub.add_parser("sampler", help="decoding modes side by side on one model",
@@ -298,6 +335,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     return args.func(args)
 
 
