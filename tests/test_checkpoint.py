@@ -212,7 +212,6 @@ def test_a_checkpoint_sharded_over_two_ranks_converts_exactly(models, tmp_path):
     assert_same_model(out, trained)
 
 
-@pytest.mark.skipif(not (DEMO_DIR / "config.json").is_file(), reason="the demo model is not trained yet")
 def test_demo_model_round_trips_through_dcp(tmp_path):
     demo = load_model(ModelConfig(source="demo", dtype="float32", device="cpu"))
     path = write_run(tmp_path / "run", DEMO_DIR, "v1_step_folder")
@@ -407,7 +406,6 @@ def test_conversion_memory_is_about_one_tensor_not_the_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DEMO_DIR / "config.json").is_file(), reason="the demo model is not trained yet")
 def test_serve_py_serves_a_dcp_checkpoint_and_a_second_start_reuses_the_cache(tmp_path):
     from tests.test_server import Process
 

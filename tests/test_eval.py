@@ -1,7 +1,7 @@
 """eval.py and the eval loop: metrics, samples, resume after a kill, shards + merge, W&B offline runs, sweeps.
 
-The slow tests run eval.py as a subprocess with real Hydra on the demo model (a tiny random model until the demo
-model exists); the rest call llada_xp.evaluate in-process with a tiny model.
+The slow tests run eval.py as a subprocess with real Hydra on the demo model; the rest call llada_xp.evaluate
+in-process with a tiny model.
 """
 
 import dataclasses
@@ -22,12 +22,11 @@ from omegaconf import OmegaConf
 from llada_xp.config import EvalConfig, LoggerConfig, ModelConfig, SamplerConfig, TaskConfig, register
 from llada_xp.evaluate import (METRICS, SAMPLES, TIMING_FIELDS, EvalError, evaluate, merge, read_samples, run,
                                shard_batches, summarize)
-from llada_xp.loading import DEMO_DIR, special_ids
+from llada_xp.loading import special_ids
 from llada_xp.sampler import Request, Sampler
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = (DEMO_DIR / "config.json").exists()
 LIMIT, BATCH = 12, 4  # 3 batches
 
 
@@ -52,13 +51,10 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_args(tiny_dir) -> list[str]:
-    """eval.py overrides: the demo model on its task, else the tiny model on a jsonl task."""
-    common = [f"task.limit={LIMIT}", f"batch_size={BATCH}", "progress=false", "sampler.block_length=8"]
-    if DEMO:
-        return ["model=demo", "task=demo", "sampler.gen_length=64", "sampler.steps=64", *common]
-    return ["model=hf", f"model.path={tiny_dir / 'model'}", "task=jsonl", f"task.path={tiny_dir / 'qa.jsonl'}",
-            "sampler.gen_length=16", "sampler.steps=16", *common]
+def model_args() -> list[str]:
+    """eval.py overrides: the demo model on its task."""
+    return ["model=demo", "task=demo", "sampler.gen_length=64", "sampler.steps=64", f"task.limit={LIMIT}",
+            f"batch_size={BATCH}", "progress=false", "sampler.block_length=8"]
 
 
 def env(tmp: Path) -> dict:
@@ -304,11 +300,10 @@ def test_eval_py_writes_metrics_and_samples_that_recompute_exactly(single):
     assert m["fingerprint"]["packages"]["torch"] == torch.__version__ and m["fingerprint"]["cpu_count"]
     assert m["config"]["batch_size"] == BATCH and m["config"]["task"]["limit"] == LIMIT
     assert m["config"]["sampler"]["steps"] == m["config"]["sampler"]["gen_length"]
-    if DEMO:
-        from llada_xp.demo.task import HELD_OUT_SEED, examples
+    from llada_xp.demo.task import HELD_OUT_SEED, examples
 
-        assert m["task"] == "demo"
-        assert [r["reference"] for r in stable(records)] == [e.answer for e in examples(LIMIT, HELD_OUT_SEED)]
+    assert m["task"] == "demo"
+    assert [r["reference"] for r in stable(records)] == [e.answer for e in examples(LIMIT, HELD_OUT_SEED)]
     assert not (single.parent / "wandb").exists()
 
 

@@ -22,7 +22,6 @@ from llada_xp.launch import gigabytes, minutes
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = (ROOT / "llada_xp" / "demo" / "model" / "config.json").exists()
 SMALL = ["launcher.gpus=0", "launcher.cpus=1", "launcher.mem=2G", "launcher.partition=debug"]
 
 slurm = pytest.mark.skipif(shutil.which("sinfo") is None, reason="SLURM client commands (sinfo) are not installed")
@@ -38,10 +37,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_args(tiny_dir) -> list[str]:
-    if DEMO:
-        return ["model=demo", "model.name=tiny"]
-    return ["model=hf", f"model.path={tiny_dir / 'model'}", "model.name=tiny"]
+def model_args() -> list[str]:
+    return ["model=demo", "model.name=tiny"]
 
 
 def env() -> dict:
@@ -162,7 +159,6 @@ def test_connect_reports_a_job_that_is_not_running():
     assert p.returncode == 1 and "is not running" in p.stderr
 
 
-@pytest.mark.skipif(not (ROOT / "eval.py").exists(), reason="eval.py does not exist yet")
 def test_eval_sweep_runs_as_a_job_array_with_every_result(tmp_path, tiny_dir):
     sweep = tmp_path / "sweep"
     p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "-m", "launcher=slurm", *SMALL,
