@@ -105,6 +105,20 @@ def label(p: Point) -> str:
     return ", ".join(f"{k.removeprefix('sampler.')}={v}" for k, v in p.params.items()) or str(p.dir)
 
 
+def nearby(points: list[Point], xs: list[float], ys: list[float], near: float = 0.1) -> list[list[Point]]:
+    """Points grouped with the first earlier point that lies within `near` of the axes' spans in both directions."""
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    groups: list[tuple[float, float, list[Point]]] = []
+    for p, x, y in zip(points, xs, ys):
+        for gx, gy, g in groups:
+            if abs(x - gx) <= near * span_x and abs(y - gy) <= near * span_y:
+                g.append(p)
+                break
+        else:
+            groups.append((x, y, [p]))
+    return [g for _, _, g in groups]
+
+
 def plot(points: list[Point], path: Path, title: str) -> None:
     import matplotlib
 
@@ -118,9 +132,13 @@ def plot(points: list[Point], path: Path, title: str) -> None:
     front = sorted((p for p in points if p.pareto), key=lambda p: p.metrics["tokens_per_s"])
     ax.plot([p.metrics["tokens_per_s"] for p in front], [p.metrics["accuracy"] for p in front], "o-",
             color="tab:red", zorder=3, label="Pareto front")
-    for k, p in enumerate(points):  # labels alternate above / below so neighbours do not overprint
-        ax.annotate(label(p), (p.metrics["tokens_per_s"], p.metrics["accuracy"]), textcoords="offset points",
-                    xytext=(4, 5 if k % 2 == 0 else -11), fontsize=7)
+    mid = (min(xs) + max(xs)) / 2
+    for k, group in enumerate(nearby(points, xs, ys)):  # one stacked label per cluster; alternate above / below
+        x, y = group[0].metrics["tokens_per_s"], group[0].metrics["accuracy"]
+        right = x > mid  # labels of points in the right half extend to the left, inside the axes
+        ax.annotate("\n".join(label(p) for p in group), (x, y), textcoords="offset points",
+                    xytext=(-4 if right else 4, 5 if k % 2 == 0 else -5), ha="right" if right else "left",
+                    va="bottom" if k % 2 == 0 else "top", fontsize=7)
     ax.set_xlabel("tokens / s")
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=10)
