@@ -6,11 +6,15 @@
 
 Thin wrapper: composes the config, fills in Hydra's output dir and the sweep's W&B group, calls
 llada_xp.evaluate.evaluate and returns its metric (for sweepers). A bad setting, model or task ends the process
-with status 1 and the reason.
+with status 1 and the reason. In a sweep, a point that fails writes failed.json (the error and its log) into its
+output dir and the sweep goes on; the report lists it, and the sweep then exits with status 1.
 """
 
+import json
 import logging
+import math
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -21,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from llada_xp.config import EvalConfig, register
 from llada_xp.evaluate import EvalError, evaluate
 from llada_xp.loading import ModelLoadError
+from llada_xp.report import FAILED
 from llada_xp.tasks import TaskError
 
 log = logging.getLogger("eval")
@@ -39,11 +44,24 @@ def main(dc: DictConfig) -> float:
         cfg.output_dir = hc.runtime.output_dir
     if cfg.logger.group is None and hc.mode == RunMode.MULTIRUN:
         cfg.logger.group = sweep_group(hc.sweep.dir)
+    known = (EvalError, ModelLoadError, TaskError, ValueError)
     try:
-        return evaluate(cfg)
-    except (EvalError, ModelLoadError, TaskError, ValueError) as e:  # the reason, without a traceback
-        log.error("cannot evaluate: %s", e)
-        sys.exit(1)
+        metric = evaluate(cfg)
+        (Path(cfg.output_dir) / FAILED).unlink(missing_ok=True)  # an earlier failure of this point, now resumed
+        return metric
+    except Exception as e:
+        if hc.mode != RunMode.MULTIRUN:
+            if not isinstance(e, known):
+                raise
+            log.error("cannot evaluate: %s", e)  # the reason, without a traceback
+            sys.exit(1)
+        # one point of a sweep: record why, let the others run (the report lists it; the sweep exits 1)
+        job_log = Path(hc.runtime.output_dir) / f"{hc.job.name}.log"
+        log.error("this point failed (%s): %s", type(e).__name__, e, exc_info=not isinstance(e, known))
+        failed = dict(error=str(e), type=type(e).__name__, log=str(job_log), overrides=list(hc.overrides.task),
+                      traceback=None if isinstance(e, known) else traceback.format_exc())
+        (Path(cfg.output_dir) / FAILED).write_text(json.dumps(failed, indent=2) + "\n")
+        return math.nan
 
 
 if __name__ == "__main__":

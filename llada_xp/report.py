@@ -1,7 +1,8 @@
 """Sweep reports: every point of a multirun in one table (report.csv, report.md) and an accuracy-vs-tokens/s plot
 with the Pareto front marked (quality_vs_speed.png), all in the sweep dir and logged to the sweep's W&B group.
 
-Runs by itself after a multirun (`ReportCallback`, configured in conf/eval.yaml) or by hand:
+Points that failed (eval.py wrote failed.json in their dir) are listed with their error and log file, and make the
+sweep's exit status 1. Runs by itself after a multirun (`ReportCallback`, configured in conf/eval.yaml) or by hand:
     python -m llada_xp.report SWEEP_DIR [--no-wandb]
 Reads only output dirs (metrics.json, .hydra/overrides.yaml); knows nothing about models or sampling.
 """
@@ -12,6 +13,7 @@ import argparse
 import csv
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -21,6 +23,7 @@ from hydra.experimental.callback import Callback
 log = logging.getLogger(__name__)
 
 CSV, MARKDOWN, PLOT = "report.csv", "report.md", "quality_vs_speed.png"
+FAILED = "failed.json"  # written by eval.py into the output dir of a sweep point that failed
 # metrics.json keys shown per point, with their format
 METRICS = {"accuracy": "{:.3f}", "tokens_per_s": "{:.1f}", "nfe_mean": "{:.1f}", "tokens_per_forward_total": "{:.2f}",
            "latency_p50_s": "{:.3f}", "n": "{}"}
@@ -40,25 +43,50 @@ class Point:
 
 
 @dataclass
+class Failure:
+    dir: Path  # the job's output dir, relative to the sweep dir
+    overrides: dict[str, str]
+    error: str
+    log: str  # the point's log file
+
+
+@dataclass
 class Report:
     points: list[Point]
     swept: list[str]
     csv: Path
     markdown: Path
-    plot: Path
-    table: str  # the Markdown table
+    plot: Optional[Path]  # None when no point finished
+    table: str  # the Markdown table (and the failed points)
+    failed: list[Failure] = field(default_factory=list)
+
+
+def _job_order(d: Path) -> list:
+    return [(0, int(s)) if s.isdigit() else (1, s) for s in d.parts]
+
+
+def _overrides(d: Path) -> dict[str, str]:
+    ov = d / ".hydra" / "overrides.yaml"
+    return dict(_split(o) for o in _read_overrides(ov)) if ov.exists() else {}
 
 
 def collect(sweep_dir: Path) -> list[Point]:
     """Every finished point under `sweep_dir` (dirs with a metrics.json), in job order."""
-    points = []
-    for m in sweep_dir.rglob("metrics.json"):
-        d = m.parent
-        ov = d / ".hydra" / "overrides.yaml"
-        overrides = dict(_split(o) for o in _read_overrides(ov)) if ov.exists() else {}
-        points.append(Point(d.relative_to(sweep_dir), overrides, json.loads(m.read_text())))
-    points.sort(key=lambda p: [(0, int(s)) if s.isdigit() else (1, s) for s in p.dir.parts])
-    return points
+    points = [Point(m.parent.relative_to(sweep_dir), _overrides(m.parent), json.loads(m.read_text()))
+              for m in sweep_dir.rglob("metrics.json")]
+    return sorted(points, key=lambda p: _job_order(p.dir))
+
+
+def collect_failed(sweep_dir: Path) -> list[Failure]:
+    """Every point that failed (a failed.json and no metrics.json), in job order."""
+    out = []
+    for f in sweep_dir.rglob(FAILED):
+        if (f.parent / "metrics.json").exists():  # failed once, finished when run again
+            continue
+        info = json.loads(f.read_text())
+        out.append(Failure(f.parent.relative_to(sweep_dir), _overrides(f.parent), info.get("error", "?"),
+                           info.get("log", "")))
+    return sorted(out, key=lambda p: _job_order(p.dir))
 
 
 def _read_overrides(path: Path) -> list[str]:
@@ -72,7 +100,7 @@ def _split(override: str) -> tuple[str, str]:
     return k.lstrip("+~"), v
 
 
-def swept_keys(points: list[Point]) -> list[str]:
+def swept_keys(points: list) -> list[str]:
     """Overrides whose value differs between points (in first-seen order)."""
     keys: list[str] = []
     for p in points:
@@ -154,26 +182,38 @@ def report(sweep_dir: Path, log_wandb: bool = True) -> Report:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise ReportError(f"sweep dir not found: {sweep_dir}")
-    points = collect(sweep_dir)
-    if not points:
+    points, failed = collect(sweep_dir), collect_failed(sweep_dir)
+    if not points and not failed:
         raise ReportError(f"no metrics.json under {sweep_dir}: no point of the sweep finished")
-    swept = swept_keys(points)
+    swept = swept_keys(points + failed)
     for p in points:
         p.params = {k: p.overrides.get(k, "") for k in swept}
     mark_pareto(points)
     header, body = rows(points, swept)
     with open(sweep_dir / CSV, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(header)
+        w.writerow(header + ["error"])
         w.writerows([[p.dir, *(p.overrides.get(k, "") for k in swept), *(p.metrics[k] for k in METRICS),
-                      p.pareto] for p in points])
-    table = markdown(header, body)
+                      p.pareto, ""] for p in points])
+        w.writerows([[p.dir, *(p.overrides.get(k, "") for k in swept), *("" for _ in METRICS), "", p.error]
+                     for p in failed])
+    table = markdown(header, body) if points else "No point of the sweep finished.\n"
+    if failed:
+        table += f"\n{len(failed)} failed point(s):\n\n" + markdown(
+            ["point", *swept, "error", "log"],
+            [[str(p.dir), *(p.overrides.get(k, "") for k in swept), p.error.replace("|", "/").replace("\n", " "),
+              p.log] for p in failed])
     (sweep_dir / MARKDOWN).write_text(table)
-    m0 = points[0].metrics
-    plot(points, sweep_dir / PLOT, f"{m0.get('model', '?')} on {m0.get('task', '?')}: accuracy vs tokens/s")
-    rep = Report(points, swept, sweep_dir / CSV, sweep_dir / MARKDOWN, sweep_dir / PLOT, table)
+    plot_path = None
+    if points:
+        m0 = points[0].metrics
+        plot_path = sweep_dir / PLOT
+        plot(points, plot_path, f"{m0.get('model', '?')} on {m0.get('task', '?')}: accuracy vs tokens/s")
+    rep = Report(points, swept, sweep_dir / CSV, sweep_dir / MARKDOWN, plot_path, table, failed)
     log.info("sweep report of %d points: %s, %s, %s", len(points), rep.csv, rep.markdown, rep.plot)
-    if log_wandb:
+    for p in failed:
+        log.error("point %s failed: %s (log: %s)", p.dir, p.error, p.log)
+    if log_wandb and points:
         _log_wandb(rep, sweep_dir)
     return rep
 
@@ -207,7 +247,11 @@ class ReportCallback(Callback):
     """Hydra callback: the sweep report when a multirun ends (conf/eval.yaml, hydra.callbacks.report)."""
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        report(Path(config.hydra.sweep.dir))
+        rep = report(Path(config.hydra.sweep.dir))
+        if rep.failed:  # the others' results are written; the sweep as a whole did not succeed
+            log.error("%d of %d points failed; see %s", len(rep.failed), len(rep.failed) + len(rep.points),
+                      rep.markdown)
+            sys.exit(1)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -221,7 +265,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except ReportError as e:
         raise SystemExit(f"error: {e}") from None
     print(rep.table)
-    print(f"wrote {rep.csv}, {rep.markdown}, {rep.plot}")
+    print(f"wrote {rep.csv}, {rep.markdown}" + (f", {rep.plot}" if rep.plot else ""))
+    if rep.failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

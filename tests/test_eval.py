@@ -335,6 +335,25 @@ def test_multirun_logs_each_point_to_one_wandb_group_and_reports(model_args, tmp
 
 
 @pytest.mark.slow
+def test_a_failing_point_does_not_stop_the_sweep_and_is_reported(model_args, tmp_path):
+    sweep = tmp_path / "sweep"
+    p = eval_py(["-m", *model_args, "sampler.threshold=0.9,2.0,0.7", f"hydra.sweep.dir={sweep}"], tmp_path,
+                check=False)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert (sweep / "0" / "metrics.json").exists() and (sweep / "2" / "metrics.json").exists()  # the sweep went on
+    failed = json.loads((sweep / "1" / "failed.json").read_text())
+    assert not (sweep / "1" / "metrics.json").exists()
+    assert "threshold" in failed["error"] and failed["overrides"][-1] == "sampler.threshold=2.0"
+    assert Path(failed["log"]).is_file() and "threshold" in Path(failed["log"]).read_text()
+    md = (sweep / "report.md").read_text()
+    assert "1 failed point(s)" in md and failed["log"] in md and "| 2 | 0.7 |" in md
+    csv_rows = (sweep / "report.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 1 + 3 and csv_rows[0].endswith(",error") and "threshold" in csv_rows[-1]
+    assert (sweep / "quality_vs_speed.png").exists()
+    assert "1 of 3 points failed" in p.stdout + p.stderr
+
+
+@pytest.mark.slow
 def test_two_shards_merge_to_exactly_the_unsharded_result(single, model_args, tmp_path):
     sweep = tmp_path / "shards"
     eval_py(["-m", *model_args, "num_shards=2", "shard_index=0,1", f"hydra.sweep.dir={sweep}"], tmp_path)

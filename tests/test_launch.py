@@ -159,15 +159,19 @@ def test_connect_reports_a_job_that_is_not_running():
     assert p.returncode == 1 and "is not running" in p.stderr
 
 
-def test_eval_sweep_runs_as_a_job_array_with_every_result(tmp_path, tiny_dir):
+def test_eval_sweep_runs_as_a_job_array_and_a_failing_point_is_reported(tmp_path, tiny_dir):
+    """Point 1 has an invalid threshold: it fails inside its job, point 0 still reports, the sweep exits 1."""
     sweep = tmp_path / "sweep"
     p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "-m", "launcher=slurm", *SMALL,
-                        "sampler.threshold=0.7,0.9", "model=hf", f"model.path={tiny_dir / 'model'}", "task=jsonl",
+                        "sampler.threshold=0.7,2.0", "model=hf", f"model.path={tiny_dir / 'model'}", "task=jsonl",
                         f"task.path={tiny_dir / 'qa.jsonl'}", "task.limit=2", "sampler.gen_length=8",
                         "sampler.steps=8", "sampler.block_length=8", "progress=false", f"hydra.sweep.dir={sweep}"],
                        cwd=ROOT, env=env(), text=True, capture_output=True, timeout=150)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert all((sweep / str(i) / "metrics.json").exists() for i in (0, 1))
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert (sweep / "0" / "metrics.json").exists() and not (sweep / "1" / "metrics.json").exists()
+    failed = json.loads((sweep / "1" / "failed.json").read_text())
+    assert "threshold" in failed["error"] and Path(failed["log"]).is_file()
+    assert "1 failed point(s)" in (sweep / "report.md").read_text()
     arrays = [d.name for d in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", d.name)]
     assert len(arrays) == 2 and len({a.split("_")[0] for a in arrays}) == 1  # one array, two tasks
     array_id = arrays[0].split("_")[0]
