@@ -6,6 +6,7 @@ model once llada_xp/demo/model exists (else the tiny one).
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,7 +22,6 @@ import torch
 import uvicorn
 
 from llada_xp.config import ModelConfig, SamplerConfig, ServeConfig, ServerConfig
-from llada_xp.loading import DEMO_DIR
 from llada_xp.server import create_app
 from tests import tiny
 
@@ -141,13 +141,9 @@ class Process:
 
 
 @pytest.fixture(scope="module")
-def e2e(tiny_folder, tmp_path_factory):
-    """serve.py on the demo model when it exists (model=demo), else on the tiny one; sampler=fast defaults."""
-    if (DEMO_DIR / "config.json").exists():
-        model = ["model=demo"]
-    else:
-        model = ["model=hf", f"model.path={tiny_folder}", "model.name=tiny"]
-    s = Process(model + ["model.aliases=[llada-8b-instruct]"], tmp_path_factory.mktemp("serve"))
+def e2e(tmp_path_factory):
+    """serve.py on the demo model (model=demo), sampler=fast defaults."""
+    s = Process(["model=demo", "model.aliases=[llada-8b-instruct]"], tmp_path_factory.mktemp("serve"))
     try:
         yield s.wait_ready()
     finally:
@@ -631,3 +627,45 @@ def test_old_example_client_flow(e2e):
                                       messages=[{"role": "user", "content": "Add: 12 + 30"}], extra_body=extra,
                                       stream=True)
         assert "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices) == r.choices[0].message.content
+
+
+# ------------------------------------------------------------------------------------------------ this README
+def readme_blocks(lang: str, start: str) -> list[str]:
+    """The README's ```lang code blocks whose first line starts with `start`."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+    return [b for b in blocks if b.startswith(start)]
+
+
+def test_readme_python_examples_run_as_written(e2e, capsys):
+    """The openai and LangChain snippets of the README, unchanged but for the URL, against serve.py on the demo."""
+    blocks = readme_blocks("python", "from openai import OpenAI") + readme_blocks("python", "from langchain_openai")
+    assert len(blocks) == 2
+    for code in blocks:
+        exec(compile(code.replace("http://localhost:8000", e2e.url), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.count("42 + 7 = 49") == 2  # the demo model answers the README's question, through both clients
+    assert "z, q, m, a" in out  # the streamed example
+
+
+def test_readme_curl_examples_run_as_written(e2e):
+    blocks = readme_blocks("bash", "curl http://localhost:8000/health")
+    assert len(blocks) == 1
+    commands = [c for c in re.split(r"\n(?=curl )", blocks[0].strip()) if c.startswith("curl")]
+    assert len(commands) == 4
+    for cmd in commands:
+        cmd = re.sub(r"\n#.*", "", cmd).replace("http://localhost:8000", e2e.url)
+        p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        if '"stream": true' in cmd:
+            assert p.stdout.rstrip().endswith("data: [DONE]") and '"usage"' in p.stdout
+        else:
+            body = json.loads(p.stdout)
+            assert "error" not in body and ("status" in body or body["choices"]), body
+    presets = readme_blocks("bash", "# Quality: LLaDA's reference decoding")
+    assert len(presets) == 1
+    for cmd in re.findall(r"^curl .*?}'", presets[0], flags=re.S | re.M):
+        p = subprocess.run(["bash", "-c", cmd.replace("http://localhost:8000", e2e.url)], capture_output=True,
+                           text=True, timeout=60)
+        body = json.loads(p.stdout)
+        assert body["choices"][0]["message"]["content"] == "a, c, m, x", body  # both presets, the same answer
