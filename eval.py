@@ -10,7 +10,6 @@ with status 1 and the reason. In a sweep, a point that fails writes failed.json 
 output dir and the sweep goes on; the report lists it, and the sweep then exits with status 1.
 """
 
-import json
 import logging
 import math
 import sys
@@ -23,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from llada_xp.config import EvalConfig, register
-from llada_xp.evaluate import EvalError, evaluate
+from llada_xp.evaluate import EvalError, evaluate, write_json
 from llada_xp.loading import ModelLoadError
 from llada_xp.report import FAILED
 from llada_xp.tasks import TaskError
@@ -60,7 +59,7 @@ def main(dc: DictConfig) -> float:
         log.error("this point failed (%s): %s", type(e).__name__, e, exc_info=not isinstance(e, known))
         failed = dict(error=str(e), type=type(e).__name__, log=str(job_log), overrides=list(hc.overrides.task),
                       traceback=None if isinstance(e, known) else traceback.format_exc())
-        (Path(cfg.output_dir) / FAILED).write_text(json.dumps(failed, indent=2) + "\n")
+        write_json(Path(cfg.output_dir) / FAILED, failed)
         return math.nan
 
 

@@ -116,7 +116,7 @@ def _run(cfg: EvalConfig, task: tasks.Task, out: Path, logger) -> dict:
     metrics.update(complete=len(records) == len(mine), expected=len(mine), resumed=len(done), task=task.name,
                    model=loaded.info.name, shard=dict(index=cfg.shard_index, num_shards=cfg.num_shards), key=key,
                    wandb=logger.info(), fingerprint=fingerprint(loaded.info), config=dataclasses.asdict(cfg))
-    _write_json(out / METRICS, metrics)
+    write_json(out / METRICS, metrics)
     logger.log(metrics, ordered)
     log.info("%s on %s: accuracy %.4f (%d/%d), %.1f tokens/s, %.1f NFE/sample -> %s", loaded.info.name, task.name,
              metrics["accuracy"], metrics["correct"], metrics["n"], metrics["tokens_per_s"], metrics["nfe_mean"], out)
@@ -261,7 +261,7 @@ def merge(shard_dirs: list[Path], out: Path) -> dict:
     metrics.update(complete=True, expected=len(records), resumed=0, task=metas[0]["task"], model=metas[0]["model"],
                    shard=dict(index=0, num_shards=1), key=metas[0]["key"], wandb=None,
                    fingerprint=metas[0]["fingerprint"], config=config, merged_from=[str(d) for d in shard_dirs])
-    _write_json(out / METRICS, metrics)
+    write_json(out / METRICS, metrics)
     return metrics
 
 
@@ -371,7 +371,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
+    """obj as JSON at path, whole or not at all (tmp file + rename)."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     tmp.replace(path)
