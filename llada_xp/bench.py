@@ -164,8 +164,7 @@ def bench_server(args: argparse.Namespace) -> int:
     if url is None:
         port = _free_port()
         model = ["model=demo"] if args.model == "demo" else ["model=hf", f"model.path={args.model}"]
-        overrides = model + [f"server.port={port}", "server.log_level=warning",
-                             f"server.max_batch_size={max(levels)}"] + overrides
+        overrides = model + [f"server.port={port}", "server.log_level=warning"] + overrides
         cfg = compose_serve_config(overrides)  # fail here, not in the child, on a bad override
         if args.ceiling:  # before the server starts: the two never share the CPU
             ceiling = sampler_ceiling(cfg, prompts[:max(args.requests, max(levels))], levels, body, args.threads)
@@ -191,8 +190,9 @@ def bench_server(args: argparse.Namespace) -> int:
     model = health.get("model", {})
     print(f"server bench: model {model.get('name')} ({model.get('parameters', 0) / 1e6:.2f}M parameters, "
           f"{model.get('dtype')}) on {health.get('device')}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, {args.threads or 'default'} torch threads; max_tokens {args.max_tokens}, "
-          f"temperature 0; overrides: {' '.join(overrides)}")
+          f"{os.cpu_count()} CPUs, {args.threads or 'default'} torch threads; max_batch_size "
+          f"{health.get('max_batch_size', '?')}; max_tokens {args.max_tokens}, temperature 0; overrides: "
+          f"{' '.join(overrides)}")
     head = f"{'conc':>5} {'reqs':>5} {'tokens':>7} {'wall s':>8} {'tok/s':>8} {'req/s':>7} {'p50 s':>7} " \
            f"{'p90 s':>7} {'p99 s':>7} {'× c=1':>6}"
     if ceiling:

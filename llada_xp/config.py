@@ -81,8 +81,9 @@ class ServerConfig:
     port: int = 8000
     # Bearer key required on /v1/* (compared in constant time); None = $LLADA_XP_API_KEY if set, else no auth
     api_key: Optional[str] = None
-    # Most rows (choices) decoded together in one batch
-    max_batch_size: int = 16
+    # Most rows (choices) decoded together in one batch; None = 16 on a GPU, 4 on a CPU (where a forward is
+    # compute-bound and bigger batches only add latency)
+    max_batch_size: Optional[int] = None
     # Most rows waiting for a batch; a request that would exceed it gets 429 with Retry-After
     max_queue: int = 256
     # Most time a new batch waits for as many rows as the previous batch had (0 = start at once; one client alone

@@ -25,7 +25,8 @@ from llada_xp.sampler import Finished, Request, Result, Sampler, Stats, Tokens, 
 
 log = logging.getLogger(__name__)
 
-GATHER_MIN_S = 0.002  # a new batch always waits this long (within batch_window_s) for rows arriving together
+GATHER_MIN_S = 0.002  # a new batch waits this long (within batch_window_s) for rows arriving together ...
+GATHER_SHARE = 0.1  # ... but never more than this share of the last batch's time (small models answer in ~ms)
 
 
 class QueueFull(Exception):
@@ -154,10 +155,12 @@ class Engine:
             if self._stopped:
                 return None
             # Gather: clients of the last batch tend to come back together, so wait (at most batch_window_s) until
-            # as many rows wait as that batch had; and always GATHER_MIN_S, for bursts that arrive together.
+            # as many rows wait as that batch had; and always a short floor (GATHER_MIN_S, at most GATHER_SHARE of the
+            # last batch's time), for bursts that arrive together.
             target = min(self.max_batch_size, max(1, self._last_rows))
             start = time.monotonic()
-            deadline, floor = start + self.batch_window_s, start + min(GATHER_MIN_S, self.batch_window_s)
+            deadline = start + self.batch_window_s
+            floor = start + min(GATHER_MIN_S, GATHER_SHARE * self.last_batch_s, self.batch_window_s)
             while not self._stopped and len(self._waiting) < self.max_batch_size:
                 t = time.monotonic()
                 if t >= deadline or (len(self._waiting) >= target and t >= floor):

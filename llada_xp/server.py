@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llada_xp.config import ServeConfig
+from llada_xp.config import ServeConfig, ServerConfig
 from llada_xp.engine import Engine, Failed, Job, QueueFull
 from llada_xp.protocol import (APIError, ChatCompletionRequest, CompletionRequest, TextStream, error_body, new_id,
                                now, param_name, usage)
@@ -78,7 +78,7 @@ class _State:
             loaded = load_model(self.cfg.model)
             sampler = Sampler(loaded.model, loaded.info.ids, decode=loaded.tokenizer.decode)
             s = self.cfg.server
-            engine = Engine(sampler, s.max_batch_size, s.max_queue, s.batch_window_ms / 1000)
+            engine = Engine(sampler, max_batch_size(s, loaded.info.device), s.max_queue, s.batch_window_ms / 1000)
             self.loaded, self.created = loaded, now()
             self.engine = engine.start()  # last: a set engine means ready
             log.info("ready: serving %s as %s", loaded.info.path, self.names)
@@ -196,6 +196,7 @@ def create_app(cfg: ServeConfig, on_load_error: Optional[Callable[[Exception], N
         if ready:
             body["model"] = {"name": info.name, "aliases": state.names[1:], "source": info.source, "path": info.path,
                              "dtype": info.dtype, "parameters": info.parameters, "max_length": info.max_length}
+            body["max_batch_size"] = state.engine.max_batch_size
         if state.error:
             body["error"] = state.error
         return JSONResponse(body, 200 if ready else 503)
@@ -237,6 +238,13 @@ def create_app(cfg: ServeConfig, on_load_error: Optional[Callable[[Exception], N
         return await _respond(st, request, "text", model, rows, sum(map(len, prompts)), body, t0)
 
     return app
+
+
+def max_batch_size(s: ServerConfig, device: str) -> int:
+    """server.max_batch_size, or its default for the device the model is on."""
+    if s.max_batch_size is not None:
+        return s.max_batch_size
+    return 4 if str(device).split(":")[0] == "cpu" else 16
 
 
 def _planned_device(device: str) -> str:

@@ -161,6 +161,14 @@ def test_health_keeps_the_old_fields_and_adds_model_info(srv):
     h = srv.http.get("/health").json()
     assert h["status"] == "healthy" and h["model_loaded"] is True and h["device"] == "cpu"
     assert h["model"]["name"] == "tiny" and h["model"]["max_length"] == 256
+    assert h["max_batch_size"] == 4  # the CPU default
+
+
+def test_max_batch_size_defaults_by_device_and_config_wins():
+    from llada_xp.server import max_batch_size
+
+    assert [max_batch_size(ServerConfig(), d) for d in ("cpu", "cuda:0", "cuda")] == [4, 16, 16]
+    assert max_batch_size(ServerConfig(max_batch_size=32), "cpu") == 32
 
 
 def test_models_lists_the_name_and_aliases(srv):
