@@ -149,7 +149,6 @@ def sampler_ceiling(cfg, prompts: list[str], levels: list[int], body: dict, thre
         for i in range(0, len(reqs), c):
             tokens += sum(len(r.tokens) for r in sampler.generate([Request(p, st) for p, st in reqs[i:i + c]]))
         out[c] = tokens / (time.perf_counter() - t)
-    del loaded, sampler
     return out
 
 

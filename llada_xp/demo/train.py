@@ -6,7 +6,7 @@ LLaDA SFT (paper §2.3 and its GUIDELINES): per example t = (1 - eps) u + eps, u
 (answer, <|eot_id|>, then <|endoftext|> to the batch's canvas length) is masked with probability t, the prompt never;
 cross-entropy on masked tokens weighted by 1/t, divided by the canvas length. Writes weights, tokenizer and
 training.json to --out. Deterministic for a given seed and step count (--minutes only caps a run that would take
-too long; it says so). About 13 minutes on 2 idle CPU cores (the held-out check at the end: 1 more).
+too long; it says so). About 15 minutes on 2 CPU cores (the held-out checks at the end: 1 more).
 
 What made a sub-1M-parameter model learn within the budget (each found by experiment, each kept as a flag):
 a low peak learning rate (3e-4; 1e-3 and above never learn to look things up in the prompt), eps = 0.1 instead of
