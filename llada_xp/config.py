@@ -35,6 +35,10 @@ class ModelConfig:
     base_model: Optional[str] = None
     # dcp: where converted checkpoints are cached; None = $LLADA_XP_CACHE or ~/.cache/llada_xp/converted
     cache_dir: Optional[str] = None
+    # torch CPU threads of this process (torch.set_num_threads); None = auto: 1 for a model under 100M parameters
+    # (the demo, tiny test models: splitting their small matmuls costs more than it saves, 3.5-15x slower on a
+    # loaded 2-core machine), else torch's default (the cores available). Recorded in metrics.json and /health
+    threads: Optional[int] = None
 
 
 @dataclass

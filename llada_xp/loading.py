@@ -23,6 +23,7 @@ from llada_xp.sampler import SpecialIds
 log = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).parent / "demo" / "model"
+SMALL_MODEL = 100_000_000  # parameters; below this, auto threads = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -40,6 +41,7 @@ class ModelInfo:
     ids: SpecialIds
     max_length: int
     parameters: int
+    threads: int  # torch CPU threads in use (model.threads, or its auto value)
 
 
 @dataclass
@@ -61,6 +63,17 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise ModelLoadError(f"model.dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def set_threads(threads: int | None, parameters: int) -> int:
+    """Apply model.threads (None = auto: 1 for a small model, else torch's default); return the count in use."""
+    if threads is not None and threads < 1:
+        raise ModelLoadError(f"model.threads must be >= 1 or null (auto), got {threads}")
+    if threads is None and parameters < SMALL_MODEL:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def resolve_path(cfg: ModelConfig) -> str:
@@ -132,7 +145,10 @@ def load_model(cfg: ModelConfig) -> Loaded:
     model = model.to(device).eval()
     name = cfg.name or ("llada-xp-demo" if cfg.source == "demo" else Path(path.rstrip("/")).name)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("loaded %s (%s, %.1fM parameters) on %s as %s", name, where, n_params / 1e6, device, dtype)
+    threads = set_threads(cfg.threads, n_params)
+    log.info("loaded %s (%s, %.1fM parameters) on %s as %s, %d CPU threads", name, where, n_params / 1e6, device,
+             dtype, threads)
     return Loaded(model, tokenizer, ModelInfo(
         name=name, source=cfg.source, path=path, dtype=str(dtype).removeprefix("torch."), device=str(device),
-        ids=special_ids(config, tokenizer), max_length=config.max_sequence_length, parameters=n_params))
+        ids=special_ids(config, tokenizer), max_length=config.max_sequence_length, parameters=n_params,
+        threads=threads))
