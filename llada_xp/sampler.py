@@ -81,8 +81,8 @@ class Stats:
 
 @dataclass
 class Result:
-    tokens: list[int]  # the answer, cut before the first EOS / EoT / stop id (and before a stop string's token)
-    text: Optional[str]  # decoded answer, cut at a stop string (None without a decode function)
+    tokens: list[int]  # the answer, cut before the first EOS / EoT / stop id, or after the token completing a stop string
+    text: Optional[str]  # decoded answer, cut before a stop string (None without a decode function)
     finish_reason: str  # stop | length | abort
     stop: Union[int, str, None]  # the stop token id or stop string that ended the answer
     stats: Stats
@@ -357,10 +357,12 @@ class _Batch:
                     fresh = fresh[:cut]
                 if fresh:
                     self.emit(Tokens(i, fresh))
-                hit = self.stop_string(i, row[:new]) if self.end[i] is None else None
-                if hit is not None:
-                    finished.append((i, "stop", hit, new))
-                    continue
+                    # the text before a stop id committed in this same step is checked too: with threshold
+                    # decoding a whole block (answer, stop string and EoT) often commits in one step
+                    hit = self.stop_string(i, row[:old], fresh)
+                    if hit is not None:
+                        finished.append((i, "stop", *hit))
+                        continue
             if self.end[i] is not None:
                 end, tok = self.end[i]
                 if tok not in self.s.ids.stops or self.early or new == g:
@@ -370,13 +372,23 @@ class _Batch:
         for i, reason, stop, end in finished:
             self.finish(i, reason, stop, end)
 
-    def stop_string(self, i: int, answer: list[int]) -> Optional[str]:
+    def stop_string(self, i: int, before: list[int], fresh: list[int]) -> Optional[tuple[str, int]]:
+        """(the earliest stop string in the answer, answer length in tokens) once `fresh` completes one, else None.
+
+        The answer keeps tokens up to the one that completes the stop string (the text is cut before it in
+        `finish`), like vLLM. Stop strings were checked at every earlier step, so `before` holds none.
+        """
         st = self.reqs[i].settings
         if not st.stop or self.s.decode is None:
             return None
-        text = self.s.decode(answer)
+        text = self.s.decode(before + fresh)
         hits = [(text.find(w), w) for w in st.stop if w and w in text]
-        return min(hits)[1] if hits else None
+        if not hits:
+            return None
+        word = min(hits)[1]
+        end = next(k for k in range(len(before) + 1, len(before) + len(fresh) + 1)
+                   if word in self.s.decode((before + fresh)[:k]))
+        return word, end
 
     def finish(self, i: int, reason: str, stop=None, end: Optional[int] = None) -> None:
         r = self.rows.index(i)
