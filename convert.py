@@ -8,10 +8,9 @@ import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf import DictConfig
 
-from llada_xp.config import ConvertConfig, register
+from llada_xp.config import ConfigError, ConvertConfig, load, register
 
 log = logging.getLogger("convert")
 
@@ -21,9 +20,9 @@ def main(cfg: DictConfig) -> None:
     from llada_xp.checkpoint import CheckpointError, run
 
     try:
-        config: ConvertConfig = OmegaConf.to_object(cfg)
-    except MissingMandatoryValue as e:
-        log.error("cannot convert: %s is required (pass %s=...)", e.full_key, e.full_key)
+        config = load(cfg, ConvertConfig)
+    except ConfigError as e:
+        log.error("cannot convert: %s", e)
         sys.exit(1)
     try:
         folder = run(config)

@@ -19,9 +19,9 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from llada_xp.config import EvalConfig, register
+from llada_xp.config import ConfigError, EvalConfig, load, register
 from llada_xp.evaluate import EvalError, evaluate, write_json
 from llada_xp.loading import ModelLoadError
 from llada_xp.report import FAILED
@@ -37,8 +37,12 @@ def sweep_group(sweep_dir: str) -> str:
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 def main(dc: DictConfig) -> float:
-    cfg: EvalConfig = OmegaConf.to_object(dc)
     hc = HydraConfig.get()
+    try:
+        cfg = load(dc, EvalConfig)
+    except ConfigError as e:  # a typo'd key or a value out of range: no point (or sweep) can run with it
+        log.error("cannot evaluate: %s", e)
+        sys.exit(1)
     if cfg.output_dir is None:
         cfg.output_dir = hc.runtime.output_dir
     if cfg.logger.group is None and hc.mode == RunMode.MULTIRUN:

@@ -10,9 +10,9 @@ import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from llada_xp.config import ServeConfig, register
+from llada_xp.config import ConfigError, ServeConfig, load, register
 
 log = logging.getLogger("serve")
 
@@ -22,7 +22,11 @@ def main(cfg: DictConfig) -> None:
     from llada_xp.loading import ModelLoadError
     from llada_xp.server import serve
 
-    config: ServeConfig = OmegaConf.to_object(cfg)
+    try:
+        config = load(cfg, ServeConfig)  # a bad default would otherwise turn every request into a 400
+    except ConfigError as e:
+        log.error("cannot serve: %s", e)
+        sys.exit(1)
     if config.launcher.name == "slurm":  # submit the server as a SLURM job and follow it (llada_xp/launch.py)
         from llada_xp.launch import serve_on_slurm
 

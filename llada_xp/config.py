@@ -6,10 +6,36 @@ a DictConfig. Importing this module does not touch Hydra; `register()` does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+import difflib
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional, TypeVar
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+CACHE_MODES = ("none", "prefix", "dual")
+REMASKING = ("low_confidence", "random")
+SOURCES = ("demo", "hf", "dcp")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run: an unknown key or a value out of range; the message names the key."""
+
+
+def _one_of(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _at_least(name: str, value, low, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= low or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number >= {low}{' or null' if optional else ''}; got {value!r}")
 
 
 @dataclass
@@ -39,6 +65,11 @@ class ModelConfig:
     # (the demo, tiny test models: splitting their small matmuls costs more than it saves, 3.5-15x slower on a
     # loaded 2-core machine), else torch's default (the cores available). Recorded in metrics.json and /health
     threads: Optional[int] = None
+
+    def check(self) -> None:
+        _one_of("source", self.source, SOURCES)
+        _one_of("dtype", self.dtype, DTYPES)
+        _at_least("threads", self.threads, 1, optional=True)
 
 
 @dataclass
@@ -76,6 +107,21 @@ class SamplerConfig:
     # Finish a row once it committed EOS/EoT with everything before it committed (off = reference NFE)
     early_stop: bool = True
 
+    def check(self) -> None:
+        """Raise ValueError naming the first invalid setting (the server turns it into a 400 naming the field)."""
+        for name in ("gen_length", "block_length", "steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        _at_least("temperature", self.temperature, 0)
+        _at_least("cfg_scale", self.cfg_scale, 0)
+        _one_of("remasking", self.remasking, REMASKING)
+        _one_of("cache", self.cache, CACHE_MODES)
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1] or null, got {self.threshold!r}")
+        if self.factor is not None and not self.factor > 0:
+            raise ValueError(f"factor must be > 0 or null, got {self.factor!r}")
+
 
 @dataclass
 class ServerConfig:
@@ -95,6 +141,14 @@ class ServerConfig:
     batch_window_ms: float = 20.0
     # Log level of the server and uvicorn: critical | error | warning | info | debug | trace
     log_level: str = "info"
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        _at_least("max_batch_size", self.max_batch_size, 1, optional=True)
+        _at_least("max_queue", self.max_queue, 1)
+        _at_least("batch_window_ms", self.batch_window_ms, 0)
+        _one_of("log_level", self.log_level, LOG_LEVELS)
 
 
 @dataclass
@@ -131,6 +185,11 @@ class LauncherConfig:
     detach_on_interrupt: bool = False
     # submitit's folder for the job's pickles, logs, API key and server-info file (%j = the job id)
     folder: str = "slurm/%j"
+
+    def check(self) -> None:
+        _one_of("name", self.name, ("local", "slurm"))
+        _at_least("gpus", self.gpus, 0)
+        _at_least("cpus", self.cpus, 1)
 
 
 @dataclass
@@ -212,6 +271,11 @@ class LoggerConfig:
     # Log the per-sample table (prompt, output, reference, correct, nfe)
     log_samples: bool = True
 
+    def check(self) -> None:
+        _one_of("name", self.name, ("none", "wandb"))
+        if self.mode is not None:
+            _one_of("mode", self.mode, WANDB_MODES)
+
 
 @dataclass
 class EvalConfig:
@@ -238,24 +302,72 @@ class EvalConfig:
     # Show a progress bar
     progress: bool = True
 
+    def check(self) -> None:
+        _at_least("batch_size", self.batch_size, 1)
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}), got {self.shard_index}")
+
+
+Schema = TypeVar("Schema")
+
+
+def check(cfg: Any, prefix: str = "") -> None:
+    """Run `check()` of cfg and of every config inside it; a ConfigError names the full key (sampler.threshold)."""
+    try:
+        if hasattr(cfg, "check"):
+            cfg.check()
+    except ValueError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+    for f in fields(cfg):
+        sub = getattr(cfg, f.name)
+        if is_dataclass(sub):
+            check(sub, f"{prefix}{f.name}.")
+
+
+def _no_unknown_keys(node: DictConfig, prefix: str = "") -> None:
+    """Hydra's `+key=value` adds a key even to a typed node, and to_object then drops it without a word."""
+    kind = OmegaConf.get_type(node)
+    if is_dataclass(kind):
+        names = [f.name for f in fields(kind)]
+        for key in node.keys():
+            if key not in names:
+                near = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {prefix}{near[0]}?" if near else f"; its keys are {', '.join(names)}"
+                raise ConfigError(f"unknown key {prefix}{key}{hint}")
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            _no_unknown_keys(child, f"{prefix}{key}.")
+
+
+def load(dc: DictConfig, schema: type[Schema]) -> Schema:
+    """The composed config as its typed dataclass, checked: unknown keys (a `+sampler.threshhold=` typo, which
+    Hydra adds without complaint) and values out of range raise ConfigError naming the key."""
+    _no_unknown_keys(dc)
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), dc))
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key} is required (pass {e.full_key}=...)") from None
+    except OmegaConfBaseException as e:  # e.g. Key 'threshhold' not in 'SamplerConfig'
+        raise ConfigError(f"{str(e).splitlines()[0]} (full key: {e.full_key})") from None
+    check(cfg)
+    return cfg
+
 
 def register() -> None:
     """Register the schemas in Hydra's ConfigStore (called by the entry points before composing)."""
     from hydra.core.config_store import ConfigStore
 
+    # Only the primaries' schemas: they type every group's node (a group file's unknown key fails at compose time),
+    # and a schema stored inside a group would be listed by --help as one of its choices.
     cs = ConfigStore.instance()
-    cs.store(group="model", name="schema", node=ModelConfig)
-    cs.store(group="sampler", name="schema", node=SamplerConfig)
     cs.store(name="serve_schema", node=ServeConfig)
     cs.store(name="convert_schema", node=ConvertConfig)
-    cs.store(group="task", name="schema", node=TaskConfig)
-    cs.store(group="logger", name="schema", node=LoggerConfig)
     cs.store(name="eval_schema", node=EvalConfig)
-    cs.store(group="launcher", name="schema", node=LauncherConfig)
     from llada_xp.launch import register_resolvers
 
     register_resolvers()
 
 
-__all__ = ["MISSING", "ConvertConfig", "EvalConfig", "LauncherConfig", "LoggerConfig", "ModelConfig", "SamplerConfig", "ServeConfig",
-           "ServerConfig", "TaskConfig", "register"]
+__all__ = ["MISSING", "ConfigError", "ConvertConfig", "EvalConfig", "LauncherConfig", "LoggerConfig", "ModelConfig", "SamplerConfig", "ServeConfig",
+           "ServerConfig", "TaskConfig", "check", "load", "register"]

@@ -29,9 +29,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llada_xp import tasks
-from llada_xp.config import EvalConfig, LoggerConfig
+from llada_xp.config import EvalConfig, LoggerConfig, check
 from llada_xp.loading import load_model
-from llada_xp.sampler import Finished, Request, Sampler, validate
+from llada_xp.sampler import Finished, Request, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,7 @@ def run(cfg: EvalConfig) -> dict:
     """Evaluate this shard of the task; return (and write) metrics.json's content."""
     if cfg.output_dir is None:
         raise EvalError("output_dir is not set (eval.py sets it to Hydra's output dir)")
-    if cfg.batch_size < 1:
-        raise EvalError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if not 0 <= cfg.shard_index < cfg.num_shards:
-        raise EvalError(f"shard_index must be in [0, num_shards={cfg.num_shards}), got {cfg.shard_index}")
-    validate(cfg.sampler)
+    check(cfg)  # eval.py checked it already; callers of the Python API may not have
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     task = tasks.load(cfg.task)

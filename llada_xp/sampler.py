@@ -26,7 +26,6 @@ Documented rules beyond the references (identical to them whenever their precond
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -34,9 +33,6 @@ from typing import Callable, Optional, Union
 import torch
 
 from llada_xp.config import SamplerConfig
-
-CACHE_MODES = ("none", "prefix", "dual")
-REMASKING = ("low_confidence", "random")
 
 
 @dataclass(frozen=True)
@@ -109,26 +105,6 @@ def shared_key(s: SamplerConfig) -> tuple:
     return (s.block_length, s.cache, s.cfg_scale, s.logits_eos_inf, s.confidence_eos_eot_inf, s.early_stop)
 
 
-def validate(s: SamplerConfig) -> None:
-    """Raise ValueError naming the first invalid setting."""
-    for name in ("gen_length", "block_length", "steps"):
-        v = getattr(s, name)
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if not s.temperature >= 0 or math.isinf(s.temperature):
-        raise ValueError(f"temperature must be a finite number >= 0, got {s.temperature!r}")
-    if not s.cfg_scale >= 0 or math.isinf(s.cfg_scale):
-        raise ValueError(f"cfg_scale must be a finite number >= 0, got {s.cfg_scale!r}")
-    if s.remasking not in REMASKING:
-        raise ValueError(f"remasking must be one of {REMASKING}, got {s.remasking!r}")
-    if s.cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {CACHE_MODES}, got {s.cache!r}")
-    if s.threshold is not None and not 0 <= s.threshold <= 1:
-        raise ValueError(f"threshold must be in [0, 1], got {s.threshold!r}")
-    if s.factor is not None and not s.factor > 0:
-        raise ValueError(f"factor must be > 0, got {s.factor!r}")
-
-
 def block_steps(steps: int, gen_length: int, block_length: int) -> list[int]:
     """Steps of each block: proportional to block length; steps // num_blocks each when that divides."""
     nb = -(-gen_length // block_length)
@@ -171,7 +147,7 @@ class Sampler:
         if not requests:
             return []
         for r in requests:
-            validate(r.settings)
+            r.settings.check()
             if not r.prompt:
                 raise ValueError("prompt is empty")
         keys = {shared_key(r.settings) for r in requests}
