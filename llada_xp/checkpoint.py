@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import sys
 import time
 import uuid
 import warnings
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -204,11 +206,71 @@ class _Reader(FileSystemReader):
     """Reads .metadata once for the many one-tensor loads of a conversion."""
 
     _metadata: Optional[Metadata] = None
+    _records: Optional[dict] = None
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if self._metadata is None:
             self._metadata = super().read_metadata(*args, **kwargs)
         return self._metadata
+
+    def records(self, fqn: str) -> list:
+        """Where a tensor's bytes lie: one storage record (relative_path, offset, length) per saved chunk."""
+        if self._records is None:
+            self._records = {}
+            for idx, info in self.read_metadata().storage_data.items():
+                self._records.setdefault(idx.fqn, []).append(info)
+        return self._records.get(fqn, [])
+
+
+class _Slice(io.RawIOBase):
+    """A read-only, seekable window [offset, offset + length) of an open file (one record of a shard)."""
+
+    def __init__(self, f, offset: int, length: int):
+        self.f, self.offset, self.length, self.pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = max(0, (0, self.pos, self.length)[whence] + pos)
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.length - self.pos if n is None or n < 0 else min(n, self.length - self.pos)
+        self.f.seek(self.offset + self.pos)
+        data = self.f.read(max(n, 0))
+        self.pos += len(data)
+        return data
+
+
+def _check_crc(folder: Path, info, name: str) -> bool:
+    """Check one record's CRC32s; False when it has none.
+
+    DCP's FileSystemWriter saves each record with torch.save: a zip archive of stored entries, each with a CRC32 (0 when
+    saved under torch.serialization.set_crc32_options(False)), which torch.load never checks. A record transformed by
+    a writer extension (compressed) is no zip archive and is not checked.
+    """
+    if info.transform_descriptors:
+        return False
+    with open(folder / info.relative_path, "rb") as f:
+        try:
+            with zipfile.ZipFile(_Slice(f, info.offset, info.length)) as z:
+                checked = [i for i in z.infolist() if i.CRC]
+                for i in checked:
+                    with z.open(i) as r:  # raises at the end of an entry whose CRC32 differs
+                        while r.read(16 << 20):
+                            pass
+        except Exception as e:  # damaged archive structure raises many types, a bad CRC32 BadZipFile
+            raise CheckpointError(f"corrupt checkpoint {folder}: shard file {info.relative_path} fails its integrity "
+                                  f"check (CRC32) in tensor {name} ({type(e).__name__}: {e}); its bytes changed after "
+                                  "saving (disk, copy or transfer damage): copy it again from the source") from e
+    return bool(checked)
 
 
 def read_entries(layout: Layout) -> tuple[dict[str, Entry], bool, _Reader]:
@@ -339,7 +401,9 @@ def _write_safetensors(path: Path, items: list[tuple[str, tuple[int, ...], torch
         os.fsync(f.fileno())
 
 
-def _load_one(reader: _Reader, layout: Layout, name: str, e: Entry, wrapped: bool) -> torch.Tensor:
+def _load_one(reader: _Reader, layout: Layout, name: str, e: Entry, wrapped: bool) -> tuple[torch.Tensor, bool]:
+    """The tensor, and whether all of its records carried CRC32s (they were checked before reading)."""
+    checked = all([_check_crc(layout.dcp, info, name) for info in reader.records(e.fqn)])
     t = torch.empty(e.shape, dtype=e.dtype)
     try:
         dcp.load({"model": {name: t}} if wrapped else {name: t}, storage_reader=reader,
@@ -350,7 +414,7 @@ def _load_one(reader: _Reader, layout: Layout, name: str, e: Entry, wrapped: boo
         first = (str(cause).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"cannot read tensor {name} from {layout.dcp} ({type(cause).__name__}: {first}): "
                               "the checkpoint is corrupt") from ex
-    return t
+    return t, checked
 
 
 def _convert_into(dest: Path, layout: Layout, base: Base, fp: str, key: str, dtype: Optional[torch.dtype],
@@ -385,9 +449,14 @@ def _convert_into(dest: Path, layout: Layout, base: Base, fp: str, key: str, dty
         files = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
 
+        unchecked: list[str] = []
+
         def tensors(group: list[str]) -> Iterator[torch.Tensor]:
             for n in group:
-                yield _load_one(reader, layout, n, entries[n], wrapped).to(out[n])
+                t, checked = _load_one(reader, layout, n, entries[n], wrapped)
+                if not checked:
+                    unchecked.append(n)
+                yield t.to(out[n])
                 bar.update(nbytes[n])
                 if delay:
                     time.sleep(delay)
@@ -399,6 +468,10 @@ def _convert_into(dest: Path, layout: Layout, base: Base, fp: str, key: str, dty
                 _write_safetensors(tmp / f, [(n, entries[n].shape, out[n]) for n in group], tensors(group))
                 if len(shards) > 1:  # progress where the bar is off (logs of a non-interactive job)
                     log.info("wrote %s (%d/%d)", f, i + 1, len(shards))
+        if unchecked:
+            log.warning("%s: %d tensor(s) carry no CRC32 (saved with CRC32s off, as safetensors or through a "
+                        "compressing extension), so damage to them cannot be detected: %s", layout.dcp,
+                        len(unchecked), _names(unchecked))
         if len(shards) > 1:
             index = {"metadata": {"total_size": total},
                      "weight_map": {n: f for f, group in zip(files, shards) for n in group}}

@@ -274,6 +274,44 @@ def test_truncated_and_corrupt_checkpoints_are_named(models, tmp_path):
     assert "corrupt" in attempt("badshard", lambda p: (p / shard).write_bytes(os.urandom((p / shard).stat().st_size)))
 
 
+def flip_a_bit_of(folder: Path, tensor: torch.Tensor) -> str:
+    """Flip one bit in the middle of tensor's bytes where they lie in a shard of folder; the shard's name."""
+    raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    for shard in sorted(folder.glob("*.distcp")):
+        data = bytearray(shard.read_bytes())
+        at = data.find(raw)
+        if at >= 0:
+            assert data.find(raw, at + 1) < 0
+            data[at + len(raw) // 2] ^= 0x10
+            shard.write_bytes(data)
+            return shard.name
+    raise AssertionError("the tensor's bytes are in no shard")
+
+
+def test_a_bit_flipped_shard_is_named_with_the_tensor_and_nothing_is_written(models, tmp_path):
+    base, hf, trained = models
+    path = write_run(tmp_path / "run", hf, "v1_weights_folder")
+    name = "model.transformer.blocks.1.attn_out.weight"
+    shard = flip_a_bit_of(path, trained.state_dict()[name])
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.convert(str(path), str(base), str(tmp_path / "out"), cache_dir=str(tmp_path / "c"))
+    assert f"shard file {shard}" in str(e.value) and f"tensor {name}" in str(e.value) and "CRC" in str(e.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_a_checkpoint_saved_without_crcs_converts_with_a_warning(models, tmp_path, caplog):
+    base, hf, trained = models
+    torch.serialization.set_crc32_options(False)
+    try:
+        path = write_run(tmp_path / "run", hf, "v2_dcp_folder")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    caplog.set_level(logging.WARNING, logger="llada_xp.checkpoint")
+    out = checkpoint.convert(str(path), str(base), str(tmp_path / "out"), cache_dir=str(tmp_path / "c"))
+    assert f"{len(trained.state_dict())} tensor(s) carry no CRC32" in caplog.text
+    assert_same_model(out, trained)
+
+
 def test_a_wrong_base_model_names_the_mismatched_tensors(models, tmp_path):
     _, hf, _ = models
     path = write_run(tmp_path / "run", hf, "v2_dcp_folder")
@@ -374,6 +412,20 @@ def test_convert_cli_user_errors_exit_1_without_a_traceback(tmp_path):
     rc, out, err = finish(convert_cli(f"model.path={tmp_path / 'nope'}", f"model.base_model={tmp_path}"))
     assert rc == 1 and out == ""
     assert "cannot convert: checkpoint not found" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_convert_cli_names_a_bit_flipped_shard_exits_1_and_caches_nothing(models, tmp_path):
+    base, hf, trained = models
+    path = write_run(tmp_path / "run", hf, "v1_step_folder")
+    name = "model.transformer.wte.weight"
+    shard = flip_a_bit_of(path / "policy" / "weights", trained.state_dict()[name])
+    rc, out, err = finish(convert_cli(f"model.path={path}", f"model.base_model={base}",
+                                      f"model.cache_dir={tmp_path / 'cache'}"))
+    assert rc == 1 and out == "" and "Traceback" not in err
+    assert f"shard file {shard}" in err and f"tensor {name}" in err
+    assert [e.name for e in (tmp_path / "cache").iterdir() if not e.name.startswith(".")] == []
+    assert not list((tmp_path / "cache").glob(".*.tmp-*"))
 
 
 @pytest.mark.slow
