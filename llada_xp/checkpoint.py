@@ -33,7 +33,8 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import (CheckpointException, DefaultLoadPlanner, DefaultSavePlanner,
+                                          FileSystemReader, FileSystemWriter)
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from llada_xp.config import ConvertConfig, ModelConfig
@@ -421,6 +422,7 @@ def _convert_into(dest: Path, layout: Layout, base: Base, fp: str, key: str, dty
                   shard_bytes: int) -> None:
     """Convert into a temporary folder beside dest, mark it complete, rename it to dest."""
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     import llada_xp
 
@@ -456,13 +458,13 @@ def _convert_into(dest: Path, layout: Layout, base: Base, fp: str, key: str, dty
                 t, checked = _load_one(reader, layout, n, entries[n], wrapped)
                 if not checked:
                     unchecked.append(n)
-                yield t.to(out[n])
-                bar.update(nbytes[n])
                 if delay:
                     time.sleep(delay)
+                bar.update(nbytes[n])  # before the yield: the writer takes a shard's last tensor and stops
+                yield t.to(out[n])
 
-        with warnings.catch_warnings(), tqdm(total=total, unit="B", unit_scale=True, desc="converting",
-                                             disable=None) as bar:
+        with warnings.catch_warnings(), logging_redirect_tqdm(), \
+                tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=None) as bar:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             for i, (f, group) in enumerate(zip(files, shards)):
                 _write_safetensors(tmp / f, [(n, entries[n].shape, out[n]) for n in group], tensors(group))
@@ -627,12 +629,27 @@ def run(cfg: ConvertConfig) -> Path:
 
 # --- the reverse direction ---
 
+class _SaveProgress(DefaultSavePlanner):
+    """Moves a bar by each tensor's bytes once the writer is done with it (it asks for the next one, or finishes)."""
+
+    def __init__(self, bar):
+        super().__init__()
+        self.bar, self.pending = bar, 0
+
+    def resolve_data(self, write_item):
+        self.bar.update(self.pending)
+        data = super().resolve_data(write_item)
+        self.pending = data.numel() * data.element_size() if isinstance(data, torch.Tensor) else 0
+        return data
+
+
 def to_dcp(src: str | os.PathLike, dst: str | os.PathLike, wrap: bool = False) -> Path:
     """Save a Hugging Face folder's weights as a DCP checkpoint in dst (flat, or {"model": ...} with wrap).
 
     Holds the whole state dict in memory (as a training job would).
     """
     from safetensors.torch import load_file
+    from tqdm import tqdm
 
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.is_dir():
@@ -648,9 +665,12 @@ def to_dcp(src: str | os.PathLike, dst: str | os.PathLike, wrap: bool = False) -
     if not files:
         sd = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
     dst.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    with warnings.catch_warnings(), tqdm(total=total, unit="B", unit_scale=True, desc="saving", disable=None) as bar:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": sd} if wrap else sd, storage_writer=FileSystemWriter(dst), no_dist=True)
+        planner = _SaveProgress(bar)
+        dcp.save({"model": sd} if wrap else sd, storage_writer=FileSystemWriter(dst), planner=planner, no_dist=True)
+        bar.update(planner.pending)
     log.info("wrote %d tensors from %s as a DCP checkpoint in %s", len(sd), src, dst)
     return dst
 

@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -426,6 +427,60 @@ def test_convert_cli_names_a_bit_flipped_shard_exits_1_and_caches_nothing(models
     assert f"shard file {shard}" in err and f"tensor {name}" in err
     assert [e.name for e in (tmp_path / "cache").iterdir() if not e.name.startswith(".")] == []
     assert not list((tmp_path / "cache").glob(".*.tmp-*"))
+
+
+def on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """Run python args with stderr on a pseudo-terminal (so tqdm draws its bar); exit status, stdout, stderr."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # rows, columns (a new pty has 0)
+    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                         stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    out = p.stdout.read().decode()
+    return p.wait(timeout=120), out, err.decode()
+
+
+def bar_lines(err: str, desc: str) -> list[str]:
+    """Every state of the bar called desc, and any other text drawn on its line."""
+    return [s for s in re.split(r"[\r\n]", err) if s.startswith(desc) or "%|" in s]
+
+
+@pytest.mark.slow
+def test_convert_cli_progress_bar_reaches_the_total_and_log_lines_do_not_break_it(models, tmp_path):
+    base, hf, _ = models
+    path = write_run(tmp_path / "run", hf, "v1_step_folder")
+    rc, out, err = on_a_terminal("convert.py", f"model.path={path}", f"model.base_model={base}",
+                                 f"output={tmp_path / 'out'}", "max_shard_size=20KB")
+    assert rc == 0, err
+    assert "wrote model-00003-of-00003.safetensors (3/3)" in err
+    lines = bar_lines(err, "converting:")
+    assert lines and lines[-1].startswith("converting: 100%|"), lines
+    assert all(re.fullmatch(r"converting: +\d+%\|[^|]*\|[^\[]*\[[^\]]*\] *", s) for s in lines), lines
+
+
+@pytest.mark.slow
+def test_to_dcp_cli_shows_a_progress_bar_that_reaches_the_total(models, tmp_path):
+    _, hf, _ = models
+    rc, out, err = on_a_terminal("-m", "llada_xp.checkpoint", "to-dcp", str(hf), str(tmp_path / "weights"))
+    assert rc == 0, err
+    lines = bar_lines(err, "saving:")
+    assert lines and lines[-1].startswith("saving: 100%|"), lines
+    assert (tmp_path / "weights" / ".metadata").is_file()
 
 
 @pytest.mark.slow
