@@ -72,7 +72,7 @@ class Layout:
 @dataclass(frozen=True)
 class Base:
     name: str  # as given: a folder or a Hub id
-    folder: Path  # holds config.json (the folder itself, or the Hub cache snapshot)
+    folder: Path  # holds config.json (the folder itself, resolved, or the Hub cache snapshot)
     config_json: bytes
     config: LLaDAConfig
     revision: Optional[str]
@@ -148,7 +148,7 @@ def resolve_base(name: Optional[str], revision: Optional[str] = None) -> Base:
         raise CheckpointError("model.base_model is required for a DCP checkpoint: the Hugging Face model "
                               "(Hub id or folder) it was trained from, which provides config.json")
     if _looks_local(name):
-        folder = Path(name).expanduser()
+        folder = Path(name).expanduser().resolve()
         if not folder.is_dir():
             raise CheckpointError(f"base model folder not found: {name}")
         path = folder / "config.json"
@@ -199,6 +199,18 @@ def _load_tokenizer(layout: Layout, base: Base):
     except (OSError, ValueError) as e:
         where = "the checkpoint's tokenizer folder" if layout.tokenizer else "the base model"
         raise CheckpointError(f"cannot load the tokenizer from {where} {src}: {e}") from e
+
+
+def _tokenizer_config(src: str, base: Base) -> Optional[Path]:
+    """The tokenizer source's own tokenizer_config.json, if it has one: save_pretrained writes the loaded tokenizer's
+    init kwargs, which include what from_pretrained added (local_files_only, is_local)."""
+    if _looks_local(src):
+        path = Path(src) / "tokenizer_config.json"
+        return path if path.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(src, "tokenizer_config.json", revision=base.revision)  # loaded just before
+    return Path(cached) if isinstance(cached, str) else None
 
 
 # --- reading and checking the checkpoint ---
@@ -484,10 +496,13 @@ def _convert_into(dest: Path, layout: Layout, base: Base, fp: str, key: str, dty
             config[field] = str(main_dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save_pretrained(tmp)
+        own_config = _tokenizer_config(tok_src, base)
+        if own_config:
+            shutil.copyfile(own_config, tmp / "tokenizer_config.json")
         _copy_code(base, config, tmp)
         provenance = dict(
             source=str(layout.dcp), layout=layout.kind, wrapped=wrapped, fingerprint=fp, key=key,
-            base_model=base.name, base_revision=base.revision,
+            base_model=str(base.folder) if _looks_local(base.name) else base.name, base_revision=base.revision,
             base_config_sha256=hashlib.sha256(base.config_json).hexdigest(), tokenizer=tok_src,
             dtype=str(main_dtype).removeprefix("torch."), tensors=len(names), bytes=total,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

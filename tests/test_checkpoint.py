@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,7 +126,21 @@ def test_every_layout_converts_to_the_same_model(models, layout, tmp_path):
     prov = json.loads((out / checkpoint.PROVENANCE).read_text())
     assert prov["base_model"] == str(base) and prov["wrapped"] == LAYOUTS[layout][0]
     assert prov["tokenizer"] == (str(path.resolve() / "tokenizer") if with_tokenizer else str(base))
+    tok_src = path.resolve() / "tokenizer" if with_tokenizer else base
+    assert (out / "tokenizer_config.json").read_bytes() == (tok_src / "tokenizer_config.json").read_bytes()
     assert (out / checkpoint.COMPLETE).is_file() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_the_conversion_record_holds_absolute_paths_when_given_relative_ones(models, tmp_path, monkeypatch):
+    base, hf, _ = models
+    write_run(tmp_path / "run", hf, "v2_policy_root_with_tokenizer")
+    (tmp_path / "base").symlink_to(base)
+    monkeypatch.chdir(tmp_path)
+    out = checkpoint.convert("run/step_7/policy", "base", "out", cache_dir="cache")
+    prov = json.loads((tmp_path / out / checkpoint.PROVENANCE).read_text())
+    policy = (tmp_path / "run" / "step_7" / "policy").resolve()
+    assert prov["source"] == str(policy / "weights" / "model") and prov["tokenizer"] == str(policy / "tokenizer")
+    assert prov["base_model"] == str(base.resolve())
 
 
 def test_dtype_is_converted_only_when_asked(models, tmp_path):
@@ -427,6 +442,25 @@ def test_convert_cli_names_a_bit_flipped_shard_exits_1_and_caches_nothing(models
     assert f"shard file {shard}" in err and f"tensor {name}" in err
     assert [e.name for e in (tmp_path / "cache").iterdir() if not e.name.startswith(".")] == []
     assert not list((tmp_path / "cache").glob(".*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_convert_cli_with_a_hub_base_model_keeps_its_tokenizer_config_and_id(models, tmp_path):
+    base, hf, trained = models
+    snapshot = tmp_path / "hub" / "models--org--tiny-llada" / "snapshots" / ("0" * 40)
+    shutil.copytree(base, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    path = write_run(tmp_path / "run", hf, "v1_step_folder")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    r = subprocess.run([sys.executable, "convert.py", f"model.path={path}", "model.base_model=org/tiny-llada",
+                        f"output={tmp_path / 'out'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert (out / "tokenizer_config.json").read_bytes() == (base / "tokenizer_config.json").read_bytes()
+    prov = json.loads((out / checkpoint.PROVENANCE).read_text())
+    assert prov["base_model"] == prov["tokenizer"] == "org/tiny-llada"
+    assert_same_model(out, trained)
 
 
 def on_a_terminal(*args: str) -> tuple[int, str, str]:
