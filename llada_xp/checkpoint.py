@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import sys
 import time
 import uuid
 import warnings
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,7 +33,8 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import (CheckpointException, DefaultLoadPlanner, DefaultSavePlanner,
+                                          FileSystemReader, FileSystemWriter)
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from llada_xp.config import ConvertConfig, ModelConfig
@@ -69,7 +72,7 @@ class Layout:
 @dataclass(frozen=True)
 class Base:
     name: str  # as given: a folder or a Hub id
-    folder: Path  # holds config.json (the folder itself, or the Hub cache snapshot)
+    folder: Path  # holds config.json (the folder itself, resolved, or the Hub cache snapshot)
     config_json: bytes
     config: LLaDAConfig
     revision: Optional[str]
@@ -145,7 +148,7 @@ def resolve_base(name: Optional[str], revision: Optional[str] = None) -> Base:
         raise CheckpointError("model.base_model is required for a DCP checkpoint: the Hugging Face model "
                               "(Hub id or folder) it was trained from, which provides config.json")
     if _looks_local(name):
-        folder = Path(name).expanduser()
+        folder = Path(name).expanduser().resolve()
         if not folder.is_dir():
             raise CheckpointError(f"base model folder not found: {name}")
         path = folder / "config.json"
@@ -198,17 +201,89 @@ def _load_tokenizer(layout: Layout, base: Base):
         raise CheckpointError(f"cannot load the tokenizer from {where} {src}: {e}") from e
 
 
+def _tokenizer_config(src: str, base: Base) -> Optional[Path]:
+    """The tokenizer source's own tokenizer_config.json, if it has one: save_pretrained writes the loaded tokenizer's
+    init kwargs, which include what from_pretrained added (local_files_only, is_local)."""
+    if _looks_local(src):
+        path = Path(src) / "tokenizer_config.json"
+        return path if path.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(src, "tokenizer_config.json", revision=base.revision)  # loaded just before
+    return Path(cached) if isinstance(cached, str) else None
+
+
 # --- reading and checking the checkpoint ---
 
 class _Reader(FileSystemReader):
     """Reads .metadata once for the many one-tensor loads of a conversion."""
 
     _metadata: Optional[Metadata] = None
+    _records: Optional[dict] = None
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if self._metadata is None:
             self._metadata = super().read_metadata(*args, **kwargs)
         return self._metadata
+
+    def records(self, fqn: str) -> list:
+        """Where a tensor's bytes lie: one storage record (relative_path, offset, length) per saved chunk."""
+        if self._records is None:
+            self._records = {}
+            for idx, info in self.read_metadata().storage_data.items():
+                self._records.setdefault(idx.fqn, []).append(info)
+        return self._records.get(fqn, [])
+
+
+class _Slice(io.RawIOBase):
+    """A read-only, seekable window [offset, offset + length) of an open file (one record of a shard)."""
+
+    def __init__(self, f, offset: int, length: int):
+        self.f, self.offset, self.length, self.pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = max(0, (0, self.pos, self.length)[whence] + pos)
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.length - self.pos if n is None or n < 0 else min(n, self.length - self.pos)
+        self.f.seek(self.offset + self.pos)
+        data = self.f.read(max(n, 0))
+        self.pos += len(data)
+        return data
+
+
+def _check_crc(folder: Path, info, name: str) -> bool:
+    """Check one record's CRC32s; False when it has none.
+
+    DCP's FileSystemWriter saves each record with torch.save: a zip archive of stored entries, each with a CRC32 (0 when
+    saved under torch.serialization.set_crc32_options(False)), which torch.load never checks. A record transformed by
+    a writer extension (compressed) is no zip archive and is not checked.
+    """
+    if info.transform_descriptors:
+        return False
+    with open(folder / info.relative_path, "rb") as f:
+        try:
+            with zipfile.ZipFile(_Slice(f, info.offset, info.length)) as z:
+                checked = [i for i in z.infolist() if i.CRC]
+                for i in checked:
+                    with z.open(i) as r:  # raises at the end of an entry whose CRC32 differs
+                        while r.read(16 << 20):
+                            pass
+        except Exception as e:  # damaged archive structure raises many types, a bad CRC32 BadZipFile
+            raise CheckpointError(f"corrupt checkpoint {folder}: shard file {info.relative_path} fails its integrity "
+                                  f"check (CRC32) in tensor {name} ({type(e).__name__}: {e}); its bytes changed after "
+                                  "saving (disk, copy or transfer damage): copy it again from the source") from e
+    return bool(checked)
 
 
 def read_entries(layout: Layout) -> tuple[dict[str, Entry], bool, _Reader]:
@@ -339,7 +414,9 @@ def _write_safetensors(path: Path, items: list[tuple[str, tuple[int, ...], torch
         os.fsync(f.fileno())
 
 
-def _load_one(reader: _Reader, layout: Layout, name: str, e: Entry, wrapped: bool) -> torch.Tensor:
+def _load_one(reader: _Reader, layout: Layout, name: str, e: Entry, wrapped: bool) -> tuple[torch.Tensor, bool]:
+    """The tensor, and whether all of its records carried CRC32s (they were checked before reading)."""
+    checked = all([_check_crc(layout.dcp, info, name) for info in reader.records(e.fqn)])
     t = torch.empty(e.shape, dtype=e.dtype)
     try:
         dcp.load({"model": {name: t}} if wrapped else {name: t}, storage_reader=reader,
@@ -350,13 +427,14 @@ def _load_one(reader: _Reader, layout: Layout, name: str, e: Entry, wrapped: boo
         first = (str(cause).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"cannot read tensor {name} from {layout.dcp} ({type(cause).__name__}: {first}): "
                               "the checkpoint is corrupt") from ex
-    return t
+    return t, checked
 
 
 def _convert_into(dest: Path, layout: Layout, base: Base, fp: str, key: str, dtype: Optional[torch.dtype],
                   shard_bytes: int) -> None:
     """Convert into a temporary folder beside dest, mark it complete, rename it to dest."""
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     import llada_xp
 
@@ -385,20 +463,29 @@ def _convert_into(dest: Path, layout: Layout, base: Base, fp: str, key: str, dty
         files = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
 
+        unchecked: list[str] = []
+
         def tensors(group: list[str]) -> Iterator[torch.Tensor]:
             for n in group:
-                yield _load_one(reader, layout, n, entries[n], wrapped).to(out[n])
-                bar.update(nbytes[n])
+                t, checked = _load_one(reader, layout, n, entries[n], wrapped)
+                if not checked:
+                    unchecked.append(n)
                 if delay:
                     time.sleep(delay)
+                bar.update(nbytes[n])  # before the yield: the writer takes a shard's last tensor and stops
+                yield t.to(out[n])
 
-        with warnings.catch_warnings(), tqdm(total=total, unit="B", unit_scale=True, desc="converting",
-                                             disable=None) as bar:
+        with warnings.catch_warnings(), logging_redirect_tqdm(), \
+                tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=None) as bar:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             for i, (f, group) in enumerate(zip(files, shards)):
                 _write_safetensors(tmp / f, [(n, entries[n].shape, out[n]) for n in group], tensors(group))
                 if len(shards) > 1:  # progress where the bar is off (logs of a non-interactive job)
                     log.info("wrote %s (%d/%d)", f, i + 1, len(shards))
+        if unchecked:
+            log.warning("%s: %d tensor(s) carry no CRC32 (saved with CRC32s off, as safetensors or through a "
+                        "compressing extension), so damage to them cannot be detected: %s", layout.dcp,
+                        len(unchecked), _names(unchecked))
         if len(shards) > 1:
             index = {"metadata": {"total_size": total},
                      "weight_map": {n: f for f, group in zip(files, shards) for n in group}}
@@ -409,10 +496,13 @@ def _convert_into(dest: Path, layout: Layout, base: Base, fp: str, key: str, dty
             config[field] = str(main_dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save_pretrained(tmp)
+        own_config = _tokenizer_config(tok_src, base)
+        if own_config:
+            shutil.copyfile(own_config, tmp / "tokenizer_config.json")
         _copy_code(base, config, tmp)
         provenance = dict(
             source=str(layout.dcp), layout=layout.kind, wrapped=wrapped, fingerprint=fp, key=key,
-            base_model=base.name, base_revision=base.revision,
+            base_model=str(base.folder) if _looks_local(base.name) else base.name, base_revision=base.revision,
             base_config_sha256=hashlib.sha256(base.config_json).hexdigest(), tokenizer=tok_src,
             dtype=str(main_dtype).removeprefix("torch."), tensors=len(names), bytes=total,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -554,12 +644,27 @@ def run(cfg: ConvertConfig) -> Path:
 
 # --- the reverse direction ---
 
+class _SaveProgress(DefaultSavePlanner):
+    """Moves a bar by each tensor's bytes once the writer is done with it (it asks for the next one, or finishes)."""
+
+    def __init__(self, bar):
+        super().__init__()
+        self.bar, self.pending = bar, 0
+
+    def resolve_data(self, write_item):
+        self.bar.update(self.pending)
+        data = super().resolve_data(write_item)
+        self.pending = data.numel() * data.element_size() if isinstance(data, torch.Tensor) else 0
+        return data
+
+
 def to_dcp(src: str | os.PathLike, dst: str | os.PathLike, wrap: bool = False) -> Path:
     """Save a Hugging Face folder's weights as a DCP checkpoint in dst (flat, or {"model": ...} with wrap).
 
     Holds the whole state dict in memory (as a training job would).
     """
     from safetensors.torch import load_file
+    from tqdm import tqdm
 
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.is_dir():
@@ -575,9 +680,12 @@ def to_dcp(src: str | os.PathLike, dst: str | os.PathLike, wrap: bool = False) -
     if not files:
         sd = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
     dst.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    with warnings.catch_warnings(), tqdm(total=total, unit="B", unit_scale=True, desc="saving", disable=None) as bar:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": sd} if wrap else sd, storage_writer=FileSystemWriter(dst), no_dist=True)
+        planner = _SaveProgress(bar)
+        dcp.save({"model": sd} if wrap else sd, storage_writer=FileSystemWriter(dst), planner=planner, no_dist=True)
+        bar.update(planner.pending)
     log.info("wrote %d tensors from %s as a DCP checkpoint in %s", len(sd), src, dst)
     return dst
 

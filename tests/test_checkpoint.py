@@ -10,6 +10,8 @@ import copy
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,7 +126,21 @@ def test_every_layout_converts_to_the_same_model(models, layout, tmp_path):
     prov = json.loads((out / checkpoint.PROVENANCE).read_text())
     assert prov["base_model"] == str(base) and prov["wrapped"] == LAYOUTS[layout][0]
     assert prov["tokenizer"] == (str(path.resolve() / "tokenizer") if with_tokenizer else str(base))
+    tok_src = path.resolve() / "tokenizer" if with_tokenizer else base
+    assert (out / "tokenizer_config.json").read_bytes() == (tok_src / "tokenizer_config.json").read_bytes()
     assert (out / checkpoint.COMPLETE).is_file() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_the_conversion_record_holds_absolute_paths_when_given_relative_ones(models, tmp_path, monkeypatch):
+    base, hf, _ = models
+    write_run(tmp_path / "run", hf, "v2_policy_root_with_tokenizer")
+    (tmp_path / "base").symlink_to(base)
+    monkeypatch.chdir(tmp_path)
+    out = checkpoint.convert("run/step_7/policy", "base", "out", cache_dir="cache")
+    prov = json.loads((tmp_path / out / checkpoint.PROVENANCE).read_text())
+    policy = (tmp_path / "run" / "step_7" / "policy").resolve()
+    assert prov["source"] == str(policy / "weights" / "model") and prov["tokenizer"] == str(policy / "tokenizer")
+    assert prov["base_model"] == str(base.resolve())
 
 
 def test_dtype_is_converted_only_when_asked(models, tmp_path):
@@ -274,6 +290,44 @@ def test_truncated_and_corrupt_checkpoints_are_named(models, tmp_path):
     assert "corrupt" in attempt("badshard", lambda p: (p / shard).write_bytes(os.urandom((p / shard).stat().st_size)))
 
 
+def flip_a_bit_of(folder: Path, tensor: torch.Tensor) -> str:
+    """Flip one bit in the middle of tensor's bytes where they lie in a shard of folder; the shard's name."""
+    raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    for shard in sorted(folder.glob("*.distcp")):
+        data = bytearray(shard.read_bytes())
+        at = data.find(raw)
+        if at >= 0:
+            assert data.find(raw, at + 1) < 0
+            data[at + len(raw) // 2] ^= 0x10
+            shard.write_bytes(data)
+            return shard.name
+    raise AssertionError("the tensor's bytes are in no shard")
+
+
+def test_a_bit_flipped_shard_is_named_with_the_tensor_and_nothing_is_written(models, tmp_path):
+    base, hf, trained = models
+    path = write_run(tmp_path / "run", hf, "v1_weights_folder")
+    name = "model.transformer.blocks.1.attn_out.weight"
+    shard = flip_a_bit_of(path, trained.state_dict()[name])
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.convert(str(path), str(base), str(tmp_path / "out"), cache_dir=str(tmp_path / "c"))
+    assert f"shard file {shard}" in str(e.value) and f"tensor {name}" in str(e.value) and "CRC" in str(e.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_a_checkpoint_saved_without_crcs_converts_with_a_warning(models, tmp_path, caplog):
+    base, hf, trained = models
+    torch.serialization.set_crc32_options(False)
+    try:
+        path = write_run(tmp_path / "run", hf, "v2_dcp_folder")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    caplog.set_level(logging.WARNING, logger="llada_xp.checkpoint")
+    out = checkpoint.convert(str(path), str(base), str(tmp_path / "out"), cache_dir=str(tmp_path / "c"))
+    assert f"{len(trained.state_dict())} tensor(s) carry no CRC32" in caplog.text
+    assert_same_model(out, trained)
+
+
 def test_a_wrong_base_model_names_the_mismatched_tensors(models, tmp_path):
     _, hf, _ = models
     path = write_run(tmp_path / "run", hf, "v2_dcp_folder")
@@ -374,6 +428,93 @@ def test_convert_cli_user_errors_exit_1_without_a_traceback(tmp_path):
     rc, out, err = finish(convert_cli(f"model.path={tmp_path / 'nope'}", f"model.base_model={tmp_path}"))
     assert rc == 1 and out == ""
     assert "cannot convert: checkpoint not found" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_convert_cli_names_a_bit_flipped_shard_exits_1_and_caches_nothing(models, tmp_path):
+    base, hf, trained = models
+    path = write_run(tmp_path / "run", hf, "v1_step_folder")
+    name = "model.transformer.wte.weight"
+    shard = flip_a_bit_of(path / "policy" / "weights", trained.state_dict()[name])
+    rc, out, err = finish(convert_cli(f"model.path={path}", f"model.base_model={base}",
+                                      f"model.cache_dir={tmp_path / 'cache'}"))
+    assert rc == 1 and out == "" and "Traceback" not in err
+    assert f"shard file {shard}" in err and f"tensor {name}" in err
+    assert [e.name for e in (tmp_path / "cache").iterdir() if not e.name.startswith(".")] == []
+    assert not list((tmp_path / "cache").glob(".*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_convert_cli_with_a_hub_base_model_keeps_its_tokenizer_config_and_id(models, tmp_path):
+    base, hf, trained = models
+    snapshot = tmp_path / "hub" / "models--org--tiny-llada" / "snapshots" / ("0" * 40)
+    shutil.copytree(base, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    path = write_run(tmp_path / "run", hf, "v1_step_folder")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    r = subprocess.run([sys.executable, "convert.py", f"model.path={path}", "model.base_model=org/tiny-llada",
+                        f"output={tmp_path / 'out'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert (out / "tokenizer_config.json").read_bytes() == (base / "tokenizer_config.json").read_bytes()
+    prov = json.loads((out / checkpoint.PROVENANCE).read_text())
+    assert prov["base_model"] == prov["tokenizer"] == "org/tiny-llada"
+    assert_same_model(out, trained)
+
+
+def on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """Run python args with stderr on a pseudo-terminal (so tqdm draws its bar); exit status, stdout, stderr."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # rows, columns (a new pty has 0)
+    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                         stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    out = p.stdout.read().decode()
+    return p.wait(timeout=120), out, err.decode()
+
+
+def bar_lines(err: str, desc: str) -> list[str]:
+    """Every state of the bar called desc, and any other text drawn on its line."""
+    return [s for s in re.split(r"[\r\n]", err) if s.startswith(desc) or "%|" in s]
+
+
+@pytest.mark.slow
+def test_convert_cli_progress_bar_reaches_the_total_and_log_lines_do_not_break_it(models, tmp_path):
+    base, hf, _ = models
+    path = write_run(tmp_path / "run", hf, "v1_step_folder")
+    rc, out, err = on_a_terminal("convert.py", f"model.path={path}", f"model.base_model={base}",
+                                 f"output={tmp_path / 'out'}", "max_shard_size=20KB")
+    assert rc == 0, err
+    assert "wrote model-00003-of-00003.safetensors (3/3)" in err
+    lines = bar_lines(err, "converting:")
+    assert lines and lines[-1].startswith("converting: 100%|"), lines
+    assert all(re.fullmatch(r"converting: +\d+%\|[^|]*\|[^\[]*\[[^\]]*\] *", s) for s in lines), lines
+
+
+@pytest.mark.slow
+def test_to_dcp_cli_shows_a_progress_bar_that_reaches_the_total(models, tmp_path):
+    _, hf, _ = models
+    rc, out, err = on_a_terminal("-m", "llada_xp.checkpoint", "to-dcp", str(hf), str(tmp_path / "weights"))
+    assert rc == 0, err
+    lines = bar_lines(err, "saving:")
+    assert lines and lines[-1].startswith("saving: 100%|"), lines
+    assert (tmp_path / "weights" / ".metadata").is_file()
 
 
 @pytest.mark.slow
