@@ -165,3 +165,13 @@ def test_bundled_model_solves_its_held_out_task():
     assert min(ref["per_skill"].values()) >= 0.8, ref  # every skill learnt, not just the easy ones
     served = accuracy(loaded.model, loaded.tokenizer, settings["dual_threshold_0_9_gen128"], n=200)
     assert served["accuracy"] >= 0.9, served  # the 128-column canvas of serve.py's and eval.py's defaults
+
+
+def test_saved_tokenizer_config_is_the_bundled_one_and_names_a_class_every_transformers_has(tmp_path):
+    from llada_xp.demo.tokenizer import save_tokenizer
+
+    save_tokenizer(build_tokenizer(), tmp_path)
+    written = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert written["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in written
+    bundled = Path(__file__).resolve().parents[1] / "llada_xp" / "demo" / "model" / "tokenizer_config.json"
+    assert written == json.loads(bundled.read_text())

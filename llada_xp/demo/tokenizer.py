@@ -8,7 +8,9 @@ exact text. It knows nothing about the task or the model.
 
 from __future__ import annotations
 
+import json
 import string
+from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -62,3 +64,16 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     fast.add_bos_token = fast.add_eos_token = False
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def save_tokenizer(tok: PreTrainedTokenizerFast, folder: str | Path) -> None:
+    """save_pretrained, with a tokenizer_config.json that every transformers version pyproject admits can read:
+    transformers 5 writes its own class name (TokenizersBackend) and `extra_special_tokens`, which 4.x refuses."""
+    tok.save_pretrained(folder)
+    path = Path(folder) / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("backend", None)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(cfg.get("extra_special_tokens"), list):
+        cfg["additional_special_tokens"] = cfg.pop("extra_special_tokens")
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from llada_xp.config import SamplerConfig
 from llada_xp.demo.check import accuracy
 from llada_xp.demo.task import examples, held_out_prompts
-from llada_xp.demo.tokenizer import EOT, build_tokenizer
+from llada_xp.demo.tokenizer import EOT, build_tokenizer, save_tokenizer
 from llada_xp.model import LLaDAConfig, LLaDAModelLM
 
 log = logging.getLogger("llada_xp.demo.train")
@@ -200,7 +200,7 @@ def train(args) -> dict:
     model.eval()
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
-    tok.save_pretrained(args.out)
+    save_tokenizer(tok, args.out)
     if args.final_n:
         for name, settings in final_settings().items():
             t = time.perf_counter()
