@@ -19,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from llada_xp.config import EvalConfig, LoggerConfig, ModelConfig, SamplerConfig, TaskConfig, register
+from llada_xp.config import ConfigError, EvalConfig, LoggerConfig, ModelConfig, SamplerConfig, TaskConfig, register
 from llada_xp.evaluate import (METRICS, SAMPLES, TIMING_FIELDS, EvalError, evaluate, merge, read_samples, run,
                                shard_batches, summarize)
 from llada_xp.loading import special_ids
@@ -227,7 +227,7 @@ def test_bad_settings_fail_before_loading_the_model(tmp_path):
                      output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="threshold"):
         run(dataclasses.replace(cfg, sampler=SamplerConfig(threshold=2.0)))
-    with pytest.raises(EvalError, match="shard_index"):
+    with pytest.raises(ConfigError, match="shard_index"):
         run(dataclasses.replace(cfg, shard_index=2, num_shards=2))
 
 
