@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from llada_xp import resolvers
 from llada_xp.config import EvalConfig, register
 from llada_xp.evaluate import EvalError, evaluate, write_json
 from llada_xp.loading import ModelLoadError
@@ -65,4 +66,5 @@ def main(dc: DictConfig) -> float:
 
 if __name__ == "__main__":
     register()
+    resolvers.register()
     main()

@@ -12,6 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from llada_xp import resolvers
 from llada_xp.config import ServeConfig, register
 
 log = logging.getLogger("serve")
@@ -39,4 +40,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register()
+    resolvers.register()
     main()

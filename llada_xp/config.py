@@ -240,7 +240,8 @@ class EvalConfig:
 
 
 def register() -> None:
-    """Register the schemas in Hydra's ConfigStore (called by the entry points before composing)."""
+    """Register the schemas in Hydra's ConfigStore (called by the entry points before composing, together with
+    llada_xp.resolvers.register for the resolvers the YAML files use)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
@@ -252,9 +253,6 @@ def register() -> None:
     cs.store(group="logger", name="schema", node=LoggerConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(group="launcher", name="schema", node=LauncherConfig)
-    from llada_xp.launch import register_resolvers
-
-    register_resolvers()
 
 
 __all__ = ["MISSING", "ConvertConfig", "EvalConfig", "LauncherConfig", "LoggerConfig", "ModelConfig", "SamplerConfig", "ServeConfig",

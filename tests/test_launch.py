@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llada_xp.launch import gigabytes, minutes
+from llada_xp.resolvers import gigabytes, minutes
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,3 +178,12 @@ def test_eval_sweep_runs_as_a_job_array_and_a_failing_point_is_reported(tmp_path
     states = subprocess.run(["sacct", "-n", "-P", "-X", "-j", array_id, "-o", "State"], capture_output=True,
                             text=True).stdout.split()
     assert states == ["COMPLETED", "COMPLETED"]
+
+
+def test_config_registers_schemas_without_importing_the_launcher_or_server():
+    """config.py imports nothing of ours: register() must not pull launch.py (and through it the server) in."""
+    code = ("import sys; from llada_xp.config import register; register(); "
+            "print(sorted(m for m in sys.modules if m.startswith('llada_xp.') and m != 'llada_xp.model'))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env(), timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["['llada_xp.config']"]
