@@ -3,6 +3,7 @@
 `serve_on_slurm(cfg)` submits `serve()` as a batch job, shows the job's state and its log live, prints the
 connection block once /health answers through the node's address, and cancels the job on Ctrl-C (or detaches).
 The job binds 0.0.0.0, advertises the node's name and always requires an API key (kept in a 0600 file).
+Also where serve.py's API key comes from (never from Hydra's saved config: `KeyGuard`, `api_key`).
 Writes to the terminal stream it is given (it is the CLI's front end); knows nothing about models or HTTP routes
 beyond /health. Evaluation sweeps use hydra-submitit-launcher instead (conf/launcher/slurm.yaml).
 """
@@ -24,7 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, TextIO
 
-from llada_xp.config import LauncherConfig, ServeConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from llada_xp.config import LauncherConfig, ServeConfig, ServerConfig
 from llada_xp.resolvers import minutes
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,63 @@ def executor(lc: LauncherConfig, folder: str):
         params["slurm_srun_args"] = shlex.split(lc.container_flags.format(image=lc.container_image, cwd=os.getcwd()))
     ex.update_parameters(**params)
     return ex
+
+
+# ------------------------------------------------------------------------------------------------- the API key
+class KeyGuard(Callback):
+    """Hydra callback (conf/serve.yaml): refuse a literal server.api_key before Hydra saves the composed config.
+
+    Hydra writes the config and the overrides in plaintext (.hydra/*.yaml, world-readable) and a key on the
+    command line shows in `ps` and the shell history; the key comes from $LLADA_XP_API_KEY or server.api_key_file.
+    An interpolation (server.api_key='${oc.env:MY_KEY}') is saved as written, so it passes.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        server = config.get("server")
+        literal = server is not None and server.get("api_key") is not None \
+            and not OmegaConf.is_interpolation(server, "api_key")
+        swept = any(o.key_or_group == "server.api_key" and o.is_sweep_override()
+                    for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)))
+        if literal or swept:
+            sys.stderr.write("serve.py: refusing server.api_key on the command line or in a config file: Hydra would "
+                             "save it in plaintext under the output dir (.hydra/*.yaml), and a command line shows in "
+                             "`ps`. Pass the key as LLADA_XP_API_KEY=KEY python serve.py ..., or in a file only you can "
+                             "read: server.api_key_file=PATH (chmod 600 PATH).\n")
+            sys.exit(1)
+
+
+def read_key_file(path: str) -> str:
+    """The key in `path` (alone on one line); a file that other users may access is refused, as ssh does."""
+    p = Path(path).expanduser()
+    try:
+        mode, text = p.stat().st_mode & 0o777, p.read_text()
+    except OSError as e:
+        raise ValueError(f"server.api_key_file: cannot read {path}: {e.strerror}") from None
+    if mode & 0o077:
+        raise ValueError(f"server.api_key_file: {path} is accessible by other users (mode {mode:o}); "
+                         f"chmod 600 {path}")
+    key = text.strip()
+    if not key or any(c.isspace() for c in key):
+        raise ValueError(f"server.api_key_file: {path} must hold the key alone on one line")
+    return key
+
+
+def api_key(sc: ServerConfig) -> Optional[str]:
+    """The server's key: server.api_key (set by code), else server.api_key_file, else $LLADA_XP_API_KEY, else None."""
+    if sc.api_key:
+        return sc.api_key
+    if sc.api_key_file:
+        return read_key_file(sc.api_key_file)
+    return os.environ.get("LLADA_XP_API_KEY") or None
 
 
 # ------------------------------------------------------------------------------------------------- in the job
@@ -88,7 +149,7 @@ def serve_job(cfg: ServeConfig) -> None:
     env = submitit.JobEnvironment()
     folder = Path(env.paths.folder).resolve()
     node, port = advertised_host(), cfg.server.port or _free_port()
-    key = cfg.server.api_key or os.environ.get("LLADA_XP_API_KEY") or secrets.token_urlsafe(32)
+    key = api_key(cfg.server) or secrets.token_urlsafe(32)
     write_private(folder / KEY_FILE, key + "\n")
     cfg.server.host, cfg.server.port, cfg.server.api_key = "0.0.0.0", port, key
     info = {"job_id": str(env.job_id), "node": node, "port": port, "url": f"http://{node}:{port}",
@@ -229,6 +290,7 @@ def serve_on_slurm(cfg: ServeConfig, out: TextIO = sys.stdout) -> int:
         out.flush()
 
     try:
+        api_key(cfg.server)  # a bad key file fails here, not on the node (the job reads it again: nothing is pickled)
         ex = executor(lc, lc.folder)
         job = ex.submit(serve_job, cfg)
     except (FailedJobError, RuntimeError, OSError, ValueError) as e:
