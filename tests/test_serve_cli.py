@@ -1,7 +1,7 @@
-"""serve.py as a command: where the API key may come from.
+"""serve.py as a command: where the API key may come from, and where Hydra writes its output dir.
 
 A key never lands in what Hydra saves (.hydra/*.yaml): server.api_key is refused before Hydra writes anything,
-the key comes from $LLADA_XP_API_KEY or a 0600 file (server.api_key_file).
+the key comes from $LLADA_XP_API_KEY or a 0600 file (server.api_key_file). Every run gets its own output dir.
 """
 
 import os
@@ -14,7 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hydra import compose, initialize_config_dir
 
+from llada_xp import resolvers
+from llada_xp.config import register
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "k3y-that-must-not-leak-7f1c"
@@ -90,3 +93,31 @@ def test_server_requires_the_key_from_its_file_and_no_output_file_holds_it(tmp_p
     outputs = tmp_path / "outputs"
     assert len(list(outputs.glob("*/*/.hydra/config.yaml"))) == 1  # Hydra did save the run ...
     assert files_holding(outputs, KEY) == []  # ... with the key file's path, never the key
+
+
+def test_two_serve_runs_in_the_same_second_get_their_own_output_dirs():
+    register()
+    resolvers.register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        run_dir = lambda: str(compose("serve", return_hydra_config=True).hydra.run.dir)  # noqa: E731
+        run_dir()  # warm: a compose then takes milliseconds
+        while time.time() % 1 > 0.5:
+            time.sleep(0.05)
+        dirs = [run_dir(), run_dir()]
+    (parent_a, a), (parent_b, b) = (d.rsplit("/", 1) for d in dirs)
+    assert parent_a == parent_b == f"outputs/{time.strftime('%Y-%m-%d')}"
+    assert a[:8] == b[:8]  # HH-MM-SS: started in the same second ...
+    assert a != b  # ... in folders of their own
+
+
+@pytest.mark.slow
+def test_two_serve_processes_started_together_keep_their_own_hydra_files(tmp_path):
+    """Both fail to load (missing model folder) right after Hydra saved their config: one dir each."""
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "model=hf", f"model.path={tmp_path}/missing",
+                               f"server.port={port}"], cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for port in (1111, 2222)]
+    assert [p.wait(timeout=120) for p in procs] == [1, 1]
+    saved = sorted((tmp_path / "outputs").glob("*/*/.hydra/overrides.yaml"))
+    assert len(saved) == 2
+    assert ["server.port=1111" in f.read_text() for f in saved].count(True) == 1
+    assert ["server.port=2222" in f.read_text() for f in saved].count(True) == 1
