@@ -39,6 +39,14 @@ POLL_S = 0.5
 # States in which a job no longer runs (squeue shows them for MinJobAge after the end, sacct afterwards)
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
+# PENDING reasons that mean the job cannot start as submitted (SLURM's job_reason_codes page): a partition limit
+# the request exceeds, constraints no node meets, an account or QOS it may not use, a per-job or per-node maximum
+# (or a minimum) of its QOS or association. Reasons that can pass are waited out: Resources, Priority, aggregate
+# limits (*Grp*, *PerUser, *PerAccount), PartitionDown, NodeDown, ReqNodeNotAvail (e.g. a maintenance reservation).
+NEVER = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "AccountNotAllowed",
+         "QOSNotAllowed", "InvalidAccount", "InvalidQOS", "MaxMemPerLimit", "DependencyNeverSatisfied",
+         "ReservationDeleted"}
+NEVER_LIMIT = re.compile(r"(Assoc|QOS)Max\w*Per(Job|Node)\w*|QOSMin\w+")
 
 
 # --------------------------------------------------------------------------------------------- resources
@@ -169,6 +177,7 @@ class JobState:
     reason: str = ""
     node: str = ""
     exit_code: str = ""
+    partition: str = ""
 
 
 def _run(cmd: list[str]) -> str:
@@ -180,11 +189,42 @@ def _run(cmd: list[str]) -> str:
 
 def job_state(job_id: str) -> JobState:
     """The job's state and reason: squeue while SLURM holds it, sacct (accounting) after that."""
-    line = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r|%N"]).splitlines()
+    line = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r|%N|%P"]).splitlines()
     if line:
-        state, reason, node = (line[0].split("|") + ["", ""])[:3]
-        return JobState(state, "" if reason == "None" else reason, node)
+        state, reason, node, partition = (line[0].split("|") + ["", "", ""])[:4]
+        return JobState(state, "" if reason == "None" else reason, node, partition=partition)
     return job_state_from_sacct(job_id) or JobState("")
+
+
+def never_starts(reason: str) -> bool:
+    """Whether a PENDING job's reason means that it cannot start as submitted (NEVER)."""
+    code = reason.split(",")[0].strip()  # "ReqNodeNotAvail, UnavailableNodes:..." -> the code
+    return code in NEVER or NEVER_LIMIT.fullmatch(code) is not None
+
+
+def requested(lc: LauncherConfig, partition: str) -> str:
+    """What the job asks for, as the options that set it."""
+    asked = [f"launcher.cpus={lc.cpus}", f"launcher.mem={lc.mem or 'the partition default'}",
+             f"launcher.gpus={lc.gpus}", f"launcher.time={lc.time}",
+             f"launcher.partition={lc.partition}" if lc.partition else f"partition {partition or '?'} (the default)"]
+    asked += [f"launcher.{k}={v}" for k, v in (("account", lc.account), ("qos", lc.qos),
+                                                ("constraint", lc.constraint)) if v is not None]
+    asked += [f"--{k}={v}" for k, v in lc.additional_parameters.items()]
+    return " ".join(asked)
+
+
+def partition_offer(partition: str) -> str:
+    """What the partition's nodes have, from sinfo ("" when SLURM does not know the partition)."""
+    groups = []
+    for row in _run(["sinfo", "-h", "-p", partition, "-o", "%D|%c|%m|%G|%l"]).splitlines():
+        nodes, cpus, mem, gres, limit = (row.split("|") + [""] * 4)[:5]
+        groups.append(f"{nodes} node(s) with {cpus} CPUs, {mem}M memory, "
+                      + ("no GPUs" if gres in ("", "(null)") else f"GRES {gres}") + f", time limit {limit}")
+    return "; ".join(groups)
+
+
+def default_partition() -> str:
+    return next((p.rstrip("*") for p in _run(["sinfo", "-h", "-o", "%P"]).split() if p.endswith("*")), "")
 
 
 def stdout_folder(job_id: str) -> Optional[Path]:
@@ -295,6 +335,8 @@ def serve_on_slurm(cfg: ServeConfig, out: TextIO = sys.stdout) -> int:
         job = ex.submit(serve_job, cfg)
     except (FailedJobError, RuntimeError, OSError, ValueError) as e:
         say(f"cannot submit the server job: {str(e).strip()}")
+        if isinstance(e, FailedJobError):  # sbatch refused the request
+            _explain_request(lc, lc.partition or default_partition(), say)
         return 1
     job_id = str(job.job_id)
     folder = Path(job.paths.folder).resolve()
@@ -317,6 +359,13 @@ def serve_on_slurm(cfg: ServeConfig, out: TextIO = sys.stdout) -> int:
                 for t in tails:
                     t.pump(final=True)
                 return _report_end(job_id, st, job, say, connected)
+            if st.state == "PENDING" and never_starts(st.reason):
+                job.cancel(check=False)
+                end = _wait_ended(job_id)
+                say(f"job {job_id} cannot start as submitted (SLURM's reason: {st.reason}); "
+                    + ("cancelled it" if end.state in ENDED or not end.state else f"scancel {job_id} sent"))
+                _explain_request(lc, st.partition or lc.partition or default_partition(), say)
+                return 1
             if st.state == "RUNNING" and not connected and info_file.exists():
                 info = json.loads(info_file.read_text())
                 body = health(info["health_url"])
@@ -333,16 +382,30 @@ def serve_on_slurm(cfg: ServeConfig, out: TextIO = sys.stdout) -> int:
             return 0
         say(f"Ctrl-C: cancelling job {job_id}")
         job.cancel(check=False)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            st = job_state(job_id)
-            if st.state in ENDED or not st.state:
-                break
-            time.sleep(POLL_S)
+        st = _wait_ended(job_id)
         for t in tails:
             t.pump(final=True)
         say(f"job {job_id}: {st.state or 'gone'}")
         return 130
+
+
+def _wait_ended(job_id: str, timeout: float = 30) -> JobState:
+    """Poll until SLURM shows the job ended (or forgets it), at most `timeout` seconds; its last state."""
+    deadline = time.time() + timeout
+    while True:
+        st = job_state(job_id)
+        if st.state in ENDED or not st.state or time.time() > deadline:
+            return st
+        time.sleep(POLL_S)
+
+
+def _explain_request(lc: LauncherConfig, partition: str, say) -> None:
+    say(f"asked for: {requested(lc, partition)}")
+    offer = partition_offer(partition) if partition else ""
+    if offer:
+        say(f"partition {partition} has: {offer}")
+    say("ask for what a partition has (launcher.cpus, launcher.mem, launcher.gpus, launcher.time) "
+        "or pick another one (launcher.partition)")
 
 
 def _report_end(job_id: str, st: JobState, job, say, connected: bool) -> int:
