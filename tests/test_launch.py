@@ -138,7 +138,7 @@ def test_job_that_dies_is_reported_with_slurm_state_and_log_tail(tmp_path):
     t0 = time.time()
     p = subprocess.run([sys.executable, str(ROOT / "serve.py"), "launcher=slurm", *SMALL,
                         f"launcher.folder={tmp_path}/slurm/%j", "model=hf", f"model.path={tmp_path}/missing",
-                        f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env(), text=True, capture_output=True,
+                        "server.port=0", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env(), text=True, capture_output=True,
                        timeout=120)
     assert p.returncode == 1
     assert re.search(r"ended: State=FAILED .*ExitCode=1", p.stdout), p.stdout[-3000:]
