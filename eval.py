@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from llada_xp import resolvers
 from llada_xp.config import ConfigError, EvalConfig, load, register
 from llada_xp.evaluate import EvalError, evaluate, write_json
 from llada_xp.loading import ModelLoadError
@@ -69,4 +70,5 @@ def main(dc: DictConfig) -> float:
 
 if __name__ == "__main__":
     register()
+    resolvers.register()
     main()

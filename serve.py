@@ -12,6 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from llada_xp import resolvers
 from llada_xp.config import ConfigError, ServeConfig, load, register
 
 log = logging.getLogger("serve")
@@ -19,6 +20,7 @@ log = logging.getLogger("serve")
 
 @hydra.main(config_path="conf", config_name="serve", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from llada_xp.launch import api_key
     from llada_xp.loading import ModelLoadError
     from llada_xp.server import serve
 
@@ -35,6 +37,7 @@ def main(cfg: DictConfig) -> None:
         log.error("cannot serve: launcher.name must be local or slurm, not %r", config.launcher.name)
         sys.exit(1)
     try:
+        config.server.api_key = api_key(config.server)
         serve(config)
     except (ModelLoadError, ValueError, OSError) as e:  # the reason, without a traceback
         log.error("cannot serve: %s", e)
@@ -43,4 +46,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register()
+    resolvers.register()
     main()

@@ -129,8 +129,12 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    # Bearer key required on /v1/* (compared in constant time); None = $LLADA_XP_API_KEY if set, else no auth
+    # Bearer key required on /v1/* (compared in constant time); None = api_key_file, else $LLADA_XP_API_KEY if set,
+    # else no auth. For code only: serve.py refuses it from the command line or a YAML file (Hydra would save it in
+    # plaintext under the output dir, and `ps` shows the command line)
     api_key: Optional[str] = None
+    # A file holding the key (alone on one line) that only its owner may read (chmod 600), read when the server starts
+    api_key_file: Optional[str] = None
     # Most rows (choices) decoded together in one batch; None = 16 on a GPU, 4 on a CPU (where a forward is
     # compute-bound and bigger batches only add latency)
     max_batch_size: Optional[int] = None
@@ -355,7 +359,8 @@ def load(dc: DictConfig, schema: type[Schema]) -> Schema:
 
 
 def register() -> None:
-    """Register the schemas in Hydra's ConfigStore (called by the entry points before composing)."""
+    """Register the schemas in Hydra's ConfigStore (called by the entry points before composing, together with
+    llada_xp.resolvers.register for the resolvers the YAML files use)."""
     from hydra.core.config_store import ConfigStore
 
     # Only the primaries' schemas: they type every group's node (a group file's unknown key fails at compose time),
@@ -364,9 +369,6 @@ def register() -> None:
     cs.store(name="serve_schema", node=ServeConfig)
     cs.store(name="convert_schema", node=ConvertConfig)
     cs.store(name="eval_schema", node=EvalConfig)
-    from llada_xp.launch import register_resolvers
-
-    register_resolvers()
 
 
 __all__ = ["MISSING", "ConfigError", "ConvertConfig", "EvalConfig", "LauncherConfig", "LoggerConfig", "ModelConfig", "SamplerConfig", "ServeConfig",

@@ -3,6 +3,7 @@
 `serve_on_slurm(cfg)` submits `serve()` as a batch job, shows the job's state and its log live, prints the
 connection block once /health answers through the node's address, and cancels the job on Ctrl-C (or detaches).
 The job binds 0.0.0.0, advertises the node's name and always requires an API key (kept in a 0600 file).
+Also where serve.py's API key comes from (never from Hydra's saved config: `KeyGuard`, `api_key`).
 Writes to the terminal stream it is given (it is the CLI's front end); knows nothing about models or HTTP routes
 beyond /health. Evaluation sweeps use hydra-submitit-launcher instead (conf/launcher/slurm.yaml).
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import getpass
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -25,7 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, TextIO
 
-from llada_xp.config import LauncherConfig, ServeConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from llada_xp.config import LauncherConfig, ServeConfig, ServerConfig
+from llada_xp.resolvers import minutes
 
 log = logging.getLogger(__name__)
 
@@ -35,47 +39,17 @@ POLL_S = 0.5
 # States in which a job no longer runs (squeue shows them for MinJobAge after the end, sacct afterwards)
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
+# PENDING reasons that mean the job cannot start as submitted (SLURM's job_reason_codes page): a partition limit
+# the request exceeds, constraints no node meets, an account or QOS it may not use, a per-job or per-node maximum
+# (or a minimum) of its QOS or association. Reasons that can pass are waited out: Resources, Priority, aggregate
+# limits (*Grp*, *PerUser, *PerAccount), PartitionDown, NodeDown, ReqNodeNotAvail (e.g. a maintenance reservation).
+NEVER = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "AccountNotAllowed",
+         "QOSNotAllowed", "InvalidAccount", "InvalidQOS", "MaxMemPerLimit", "DependencyNeverSatisfied",
+         "ReservationDeleted"}
+NEVER_LIMIT = re.compile(r"(Assoc|QOS)Max\w*Per(Job|Node)\w*|QOSMin\w+")
 
 
 # --------------------------------------------------------------------------------------------- resources
-def minutes(t: str | int) -> int:
-    """SLURM's time formats ([D-]HH:MM:SS, HH:MM:SS, MM:SS, MM) -> whole minutes (at least 1)."""
-    s = str(t).strip()
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", s)
-    if not m:
-        raise ValueError(f"launcher.time: cannot read {t!r} (use [D-]HH:MM:SS, HH:MM:SS or minutes)")
-    days, a, b, c = (int(x) if x else None for x in m.groups())
-    if days is not None:  # D-HH[:MM[:SS]]
-        secs = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
-    elif c is not None:  # HH:MM:SS
-        secs = a * 3600 + b * 60 + c
-    elif b is not None:  # MM:SS
-        secs = a * 60 + b
-    else:  # MM
-        secs = a * 60
-    return max(1, math.ceil(secs / 60))
-
-
-def gigabytes(mem: Optional[str]) -> Optional[int]:
-    """sbatch --mem values (64G, 512M, 1T, plain MB) -> whole GB rounded up, for hydra-submitit's mem_gb."""
-    if mem is None:
-        return None
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)B?", str(mem).strip(), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"launcher.mem: cannot read {mem!r} (use e.g. 64G or 512M)")
-    scale = {"K": 1 / 2**20, "M": 1 / 1024, "": 1 / 1024, "G": 1, "T": 1024}[m.group(2).upper()]
-    return max(1, math.ceil(float(m.group(1)) * scale))
-
-
-def register_resolvers() -> None:
-    """OmegaConf resolvers conf/launcher/slurm.yaml uses to map our fields onto hydra-submitit's."""
-    from omegaconf import OmegaConf
-
-    OmegaConf.register_new_resolver("llada.minutes", minutes, replace=True)
-    OmegaConf.register_new_resolver("llada.gb", gigabytes, replace=True)
-    OmegaConf.register_new_resolver("llada.nonzero", lambda n: n or None, replace=True)
-
-
 def executor(lc: LauncherConfig, folder: str):
     """A submitit executor for SLURM with the resources of `lc` (sbatch fails at submit if they don't exist)."""
     import submitit
@@ -93,6 +67,63 @@ def executor(lc: LauncherConfig, folder: str):
         params["slurm_srun_args"] = shlex.split(lc.container_flags.format(image=lc.container_image, cwd=os.getcwd()))
     ex.update_parameters(**params)
     return ex
+
+
+# ------------------------------------------------------------------------------------------------- the API key
+class KeyGuard(Callback):
+    """Hydra callback (conf/serve.yaml): refuse a literal server.api_key before Hydra saves the composed config.
+
+    Hydra writes the config and the overrides in plaintext (.hydra/*.yaml, world-readable) and a key on the
+    command line shows in `ps` and the shell history; the key comes from $LLADA_XP_API_KEY or server.api_key_file.
+    An interpolation (server.api_key='${oc.env:MY_KEY}') is saved as written, so it passes.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        server = config.get("server")
+        literal = server is not None and server.get("api_key") is not None \
+            and not OmegaConf.is_interpolation(server, "api_key")
+        swept = any(o.key_or_group == "server.api_key" and o.is_sweep_override()
+                    for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)))
+        if literal or swept:
+            sys.stderr.write("serve.py: refusing server.api_key on the command line or in a config file: Hydra would "
+                             "save it in plaintext under the output dir (.hydra/*.yaml), and a command line shows in "
+                             "`ps`. Pass the key as LLADA_XP_API_KEY=KEY python serve.py ..., or in a file only you can "
+                             "read: server.api_key_file=PATH (chmod 600 PATH).\n")
+            sys.exit(1)
+
+
+def read_key_file(path: str) -> str:
+    """The key in `path` (alone on one line); a file that other users may access is refused, as ssh does."""
+    p = Path(path).expanduser()
+    try:
+        mode, text = p.stat().st_mode & 0o777, p.read_text()
+    except OSError as e:
+        raise ValueError(f"server.api_key_file: cannot read {path}: {e.strerror}") from None
+    if mode & 0o077:
+        raise ValueError(f"server.api_key_file: {path} is accessible by other users (mode {mode:o}); "
+                         f"chmod 600 {path}")
+    key = text.strip()
+    if not key or any(c.isspace() for c in key):
+        raise ValueError(f"server.api_key_file: {path} must hold the key alone on one line")
+    return key
+
+
+def api_key(sc: ServerConfig) -> Optional[str]:
+    """The server's key: server.api_key (set by code), else server.api_key_file, else $LLADA_XP_API_KEY, else None."""
+    if sc.api_key:
+        return sc.api_key
+    if sc.api_key_file:
+        return read_key_file(sc.api_key_file)
+    return os.environ.get("LLADA_XP_API_KEY") or None
 
 
 # ------------------------------------------------------------------------------------------------- in the job
@@ -126,7 +157,7 @@ def serve_job(cfg: ServeConfig) -> None:
     env = submitit.JobEnvironment()
     folder = Path(env.paths.folder).resolve()
     node, port = advertised_host(), cfg.server.port or _free_port()
-    key = cfg.server.api_key or os.environ.get("LLADA_XP_API_KEY") or secrets.token_urlsafe(32)
+    key = api_key(cfg.server) or secrets.token_urlsafe(32)
     write_private(folder / KEY_FILE, key + "\n")
     cfg.server.host, cfg.server.port, cfg.server.api_key = "0.0.0.0", port, key
     info = {"job_id": str(env.job_id), "node": node, "port": port, "url": f"http://{node}:{port}",
@@ -146,6 +177,7 @@ class JobState:
     reason: str = ""
     node: str = ""
     exit_code: str = ""
+    partition: str = ""
 
 
 def _run(cmd: list[str]) -> str:
@@ -157,11 +189,42 @@ def _run(cmd: list[str]) -> str:
 
 def job_state(job_id: str) -> JobState:
     """The job's state and reason: squeue while SLURM holds it, sacct (accounting) after that."""
-    line = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r|%N"]).splitlines()
+    line = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r|%N|%P"]).splitlines()
     if line:
-        state, reason, node = (line[0].split("|") + ["", ""])[:3]
-        return JobState(state, "" if reason == "None" else reason, node)
+        state, reason, node, partition = (line[0].split("|") + ["", "", ""])[:4]
+        return JobState(state, "" if reason == "None" else reason, node, partition=partition)
     return job_state_from_sacct(job_id) or JobState("")
+
+
+def never_starts(reason: str) -> bool:
+    """Whether a PENDING job's reason means that it cannot start as submitted (NEVER)."""
+    code = reason.split(",")[0].strip()  # "ReqNodeNotAvail, UnavailableNodes:..." -> the code
+    return code in NEVER or NEVER_LIMIT.fullmatch(code) is not None
+
+
+def requested(lc: LauncherConfig, partition: str) -> str:
+    """What the job asks for, as the options that set it."""
+    asked = [f"launcher.cpus={lc.cpus}", f"launcher.mem={lc.mem or 'the partition default'}",
+             f"launcher.gpus={lc.gpus}", f"launcher.time={lc.time}",
+             f"launcher.partition={lc.partition}" if lc.partition else f"partition {partition or '?'} (the default)"]
+    asked += [f"launcher.{k}={v}" for k, v in (("account", lc.account), ("qos", lc.qos),
+                                                ("constraint", lc.constraint)) if v is not None]
+    asked += [f"--{k}={v}" for k, v in lc.additional_parameters.items()]
+    return " ".join(asked)
+
+
+def partition_offer(partition: str) -> str:
+    """What the partition's nodes have, from sinfo ("" when SLURM does not know the partition)."""
+    groups = []
+    for row in _run(["sinfo", "-h", "-p", partition, "-o", "%D|%c|%m|%G|%l"]).splitlines():
+        nodes, cpus, mem, gres, limit = (row.split("|") + [""] * 4)[:5]
+        groups.append(f"{nodes} node(s) with {cpus} CPUs, {mem}M memory, "
+                      + ("no GPUs" if gres in ("", "(null)") else f"GRES {gres}") + f", time limit {limit}")
+    return "; ".join(groups)
+
+
+def default_partition() -> str:
+    return next((p.rstrip("*") for p in _run(["sinfo", "-h", "-o", "%P"]).split() if p.endswith("*")), "")
 
 
 def stdout_folder(job_id: str) -> Optional[Path]:
@@ -267,10 +330,13 @@ def serve_on_slurm(cfg: ServeConfig, out: TextIO = sys.stdout) -> int:
         out.flush()
 
     try:
+        api_key(cfg.server)  # a bad key file fails here, not on the node (the job reads it again: nothing is pickled)
         ex = executor(lc, lc.folder)
         job = ex.submit(serve_job, cfg)
     except (FailedJobError, RuntimeError, OSError, ValueError) as e:
         say(f"cannot submit the server job: {str(e).strip()}")
+        if isinstance(e, FailedJobError):  # sbatch refused the request
+            _explain_request(lc, lc.partition or default_partition(), say)
         return 1
     job_id = str(job.job_id)
     folder = Path(job.paths.folder).resolve()
@@ -293,6 +359,13 @@ def serve_on_slurm(cfg: ServeConfig, out: TextIO = sys.stdout) -> int:
                 for t in tails:
                     t.pump(final=True)
                 return _report_end(job_id, st, job, say, connected)
+            if st.state == "PENDING" and never_starts(st.reason):
+                job.cancel(check=False)
+                end = _wait_ended(job_id)
+                say(f"job {job_id} cannot start as submitted (SLURM's reason: {st.reason}); "
+                    + ("cancelled it" if end.state in ENDED or not end.state else f"scancel {job_id} sent"))
+                _explain_request(lc, st.partition or lc.partition or default_partition(), say)
+                return 1
             if st.state == "RUNNING" and not connected and info_file.exists():
                 info = json.loads(info_file.read_text())
                 body = health(info["health_url"])
@@ -309,16 +382,30 @@ def serve_on_slurm(cfg: ServeConfig, out: TextIO = sys.stdout) -> int:
             return 0
         say(f"Ctrl-C: cancelling job {job_id}")
         job.cancel(check=False)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            st = job_state(job_id)
-            if st.state in ENDED or not st.state:
-                break
-            time.sleep(POLL_S)
+        st = _wait_ended(job_id)
         for t in tails:
             t.pump(final=True)
         say(f"job {job_id}: {st.state or 'gone'}")
         return 130
+
+
+def _wait_ended(job_id: str, timeout: float = 30) -> JobState:
+    """Poll until SLURM shows the job ended (or forgets it), at most `timeout` seconds; its last state."""
+    deadline = time.time() + timeout
+    while True:
+        st = job_state(job_id)
+        if st.state in ENDED or not st.state or time.time() > deadline:
+            return st
+        time.sleep(POLL_S)
+
+
+def _explain_request(lc: LauncherConfig, partition: str, say) -> None:
+    say(f"asked for: {requested(lc, partition)}")
+    offer = partition_offer(partition) if partition else ""
+    if offer:
+        say(f"partition {partition} has: {offer}")
+    say("ask for what a partition has (launcher.cpus, launcher.mem, launcher.gpus, launcher.time) "
+        "or pick another one (launcher.partition)")
 
 
 def _report_end(job_id: str, st: JobState, job, say, connected: bool) -> int:

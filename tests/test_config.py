@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
+from llada_xp import resolvers
 from llada_xp.config import ConfigError, ConvertConfig, EvalConfig, ServeConfig, load, register
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +20,7 @@ GROUPS = {g: sorted(p.stem for p in (ROOT / "conf" / g).glob("*.yaml"))
 
 def composed(primary: str, overrides: list[str]):
     register()
+    resolvers.register()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose(primary, overrides=overrides)
 

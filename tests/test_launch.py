@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llada_xp.launch import gigabytes, minutes
+from llada_xp.resolvers import gigabytes, minutes
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def test_job_that_dies_is_reported_with_slurm_state_and_log_tail(tmp_path):
     t0 = time.time()
     p = subprocess.run([sys.executable, str(ROOT / "serve.py"), "launcher=slurm", *SMALL,
                         f"launcher.folder={tmp_path}/slurm/%j", "model=hf", f"model.path={tmp_path}/missing",
-                        f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env(), text=True, capture_output=True,
+                        "server.port=0", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env(), text=True, capture_output=True,
                        timeout=120)
     assert p.returncode == 1
     assert re.search(r"ended: State=FAILED .*ExitCode=1", p.stdout), p.stdout[-3000:]
@@ -151,6 +151,80 @@ def test_bad_partition_fails_at_submit_with_sbatch_reason(tmp_path, model_args):
                         f"launcher.folder={tmp_path}/slurm/%j", *model_args, f"hydra.run.dir={tmp_path}/run"],
                        cwd=tmp_path, env=env(), text=True, capture_output=True, timeout=60)
     assert p.returncode == 1 and "invalid partition" in p.stdout.lower()
+
+
+def node_has() -> tuple[int, int]:
+    """The CPUs and memory (MB) of the cluster's (one) node, as SLURM sees it."""
+    cpus, mem = subprocess.run(["sinfo", "-h", "-N", "-o", "%c %m"], capture_output=True, text=True,
+                               check=True).stdout.split()[:2]
+    return int(cpus), int(mem)
+
+
+def test_job_that_can_never_start_is_cancelled_with_slurm_reason_and_the_request(tmp_path, model_args):
+    cpus = node_has()[0] + 1  # more CPUs than the node has: sbatch accepts it, it pends with PartitionConfig
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "launcher=slurm", *SMALL, f"launcher.cpus={cpus}",
+                             f"launcher.folder={tmp_path}/slurm/%j", *model_args, f"hydra.run.dir={tmp_path}/run"],
+                            cwd=tmp_path, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, job_id = Output(proc), None
+    try:
+        job_id = out.wait_for(r"submitted job (\d+)", 60).group(1)
+        t0 = time.time()
+        assert proc.wait(timeout=60) == 1
+        refused_s = time.time() - t0
+        out.thread.join(5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            if job_id:
+                subprocess.run(["scancel", job_id])  # what the launcher should have done
+    assert refused_s < 10, f"took {refused_s:.1f}s"
+    assert f"job {job_id} cannot start as submitted (SLURM's reason: PartitionConfig); cancelled it" in out.text
+    assert f"launcher.cpus={cpus} launcher.mem=2G launcher.gpus=0 launcher.time=4:00:00 " \
+           "launcher.partition=debug" in out.text
+    assert re.search(r"partition debug has: 1 node\(s\) with \d+ CPUs, \d+M memory, no GPUs", out.text), out.text
+    assert subprocess.run(["squeue", "-h", "-t", "PENDING", "-j", job_id], capture_output=True,
+                          text=True).stdout.strip() == ""  # not left pending
+    assert sacct_state(job_id).startswith("CANCELLED")
+
+
+def test_memory_the_node_lacks_is_refused_at_submit_with_the_request(tmp_path, model_args):
+    mem = f"{node_has()[1] * 2}M"
+    p = subprocess.run([sys.executable, str(ROOT / "serve.py"), "launcher=slurm", *SMALL, f"launcher.mem={mem}",
+                        f"launcher.folder={tmp_path}/slurm/%j", *model_args, f"hydra.run.dir={tmp_path}/run"],
+                       cwd=tmp_path, env=env(), text=True, capture_output=True, timeout=60)
+    assert p.returncode == 1
+    assert "cannot submit the server job" in p.stdout and "Requested node configuration is not available" in p.stdout
+    assert f"asked for: launcher.cpus=1 launcher.mem={mem} " in p.stdout
+    assert "partition debug has: 1 node(s)" in p.stdout
+
+
+def test_served_job_takes_its_key_from_the_key_file_and_nothing_pickled_or_saved_holds_it(tmp_path, model_args):
+    from openai import AuthenticationError, OpenAI
+
+    key = "slurm-k3y-from-a-file-93ab"
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "launcher=slurm", *SMALL,
+                             f"launcher.folder={tmp_path}/slurm/%j", *model_args, "server.port=0",
+                             f"server.api_key_file={key_file}", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path,
+                            env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = Output(proc)
+    try:
+        job_id = out.wait_for(r"submitted job (\d+)", 30).group(1)
+        info = json.loads(Path(out.wait_for(r"Server info:\s+(\S+)", 90).group(1)).read_text())
+        assert Path(info["key_file"]).read_text().strip() == key
+        assert OpenAI(base_url=info["base_url"], api_key=key, max_retries=0).models.list().data[0].id == "tiny"
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=info["base_url"], api_key="wrong", max_retries=0).models.list()
+        holding = [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+        assert sorted(holding) == sorted([key_file, Path(info["key_file"])])  # the two 0600 files only
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        assert sacct_state(job_id).startswith("CANCELLED")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_connect_reports_a_job_that_is_not_running():
@@ -178,3 +252,12 @@ def test_eval_sweep_runs_as_a_job_array_and_a_failing_point_is_reported(tmp_path
     states = subprocess.run(["sacct", "-n", "-P", "-X", "-j", array_id, "-o", "State"], capture_output=True,
                             text=True).stdout.split()
     assert states == ["COMPLETED", "COMPLETED"]
+
+
+def test_config_registers_schemas_without_importing_the_launcher_or_server():
+    """config.py imports nothing of ours: register() must not pull launch.py (and through it the server) in."""
+    code = ("import sys; from llada_xp.config import register; register(); "
+            "print(sorted(m for m in sys.modules if m.startswith('llada_xp.') and m != 'llada_xp.model'))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env(), timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["['llada_xp.config']"]
