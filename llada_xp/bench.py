@@ -2,12 +2,12 @@
 
     python -m llada_xp.bench server [--concurrency 1,4,16] [--model demo|PATH] [--url URL] [overrides]
 
-`server`: starts the server (serve() in a child process with --threads torch threads; config composed from
-conf/serve.yaml plus Hydra overrides) unless --url names a running one, then drives it with N concurrent clients
-sending demo-task chat requests (held-out prompts), and prints throughput and latency percentiles per concurrency
-level. Every level sends the same prompts. It speaks only HTTP to the server; beforehand (--ceiling, on by default
-when it starts the server) it times the Sampler alone on the same model, settings and prompts in batches of each
-level's size, which shows how much batching can give on this device at all.
+`server`: starts the server (serve() in a child process; config composed from conf/serve.yaml plus Hydra overrides,
+and model.threads=1 and a free server.port unless they are among them) unless --url names a running one, then drives
+it with N concurrent clients sending demo-task chat requests (held-out prompts), and prints throughput and latency
+percentiles per concurrency level. Every level sends the same prompts. It speaks only HTTP to the server; beforehand
+(--ceiling, on by default when it starts the server) it times the Sampler alone on the same model, settings and
+prompts in batches of each level's size, which shows how much batching can give on this device at all.
 """
 
 from __future__ import annotations
@@ -50,16 +50,11 @@ def _free_port() -> int:
 
 
 def _serve_child() -> None:
-    """Entry of the server child process: argv = [threads, *overrides]."""
-    import torch
-
+    """Entry of the server child process: argv = overrides (model.threads applies when the model loads)."""
     from llada_xp.server import serve
 
     logging.basicConfig(level=logging.WARNING)
-    threads, overrides = int(sys.argv[1]), sys.argv[2:]
-    if threads > 0:
-        torch.set_num_threads(threads)
-    serve(compose_serve_config(overrides))
+    serve(compose_serve_config(sys.argv[1:]))
 
 
 def _prompts(n: int) -> list[str]:
@@ -125,18 +120,14 @@ def _level(url: str, prompts: list[str], concurrency: int, body: dict) -> dict:
             "p50": q[49], "p90": q[89], "p99": q[98]}
 
 
-def sampler_ceiling(cfg, prompts: list[str], levels: list[int], body: dict, threads: int) -> dict[int, float]:
+def sampler_ceiling(cfg, prompts: list[str], levels: list[int], body: dict) -> dict[int, float]:
     """tokens/s of the Sampler alone (no HTTP, no engine) on the server's model, settings and prompts, decoding the
     prompts in batches of each level's size: the most a server batching that many requests can reach on this device."""
-    import torch
-
     from llada_xp.loading import load_model
     from llada_xp.protocol import ChatCompletionRequest
     from llada_xp.sampler import Request, Sampler
 
-    if threads > 0:
-        torch.set_num_threads(threads)
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model)  # sets model.threads, as in the server
     sampler = Sampler(loaded.model, loaded.info.ids, decode=loaded.tokenizer.decode)
     reqs = []
     for text in prompts:
@@ -157,19 +148,30 @@ def bench_server(args: argparse.Namespace) -> int:
 
     levels = [int(c) for c in args.concurrency.split(",")]
     overrides = list(args.overrides)
+    if args.url is not None and overrides:
+        raise SystemExit(f"overrides ({' '.join(overrides)}) configure the server the bench starts; with --url the "
+                         f"server is already running")
     body = {"max_tokens": args.max_tokens, "temperature": 0.0}
     prompts = _prompts(max(args.requests, max(levels) * args.rounds))
-    proc, url, ceiling = None, args.url, {}
+    proc, url, ceiling, cfg = None, args.url, {}, None
     if url is None:
-        port = _free_port()
         model = ["model=demo"] if args.model == "demo" else ["model=hf", f"model.path={args.model}"]
-        overrides = model + [f"server.port={port}", "server.log_level=warning"] + overrides
+        # defaults first: the user's overrides win (Hydra applies the last of repeated keys)
+        overrides = model + ["model.threads=1", f"server.port={_free_port()}", "server.log_level=warning"] + overrides
         cfg = compose_serve_config(overrides)  # fail here, not in the child, on a bad override
+        host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::") else cfg.server.host
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                sock.bind((host, cfg.server.port))
+            except OSError as e:
+                raise SystemExit(f"cannot serve on server.host={cfg.server.host} server.port={cfg.server.port}: {e} "
+                                 f"(leave server.port out and the bench picks a free port)") from None
         if args.ceiling:  # before the server starts: the two never share the CPU
-            ceiling = sampler_ceiling(cfg, prompts[:max(args.requests, max(levels))], levels, body, args.threads)
+            ceiling = sampler_ceiling(cfg, prompts[:max(args.requests, max(levels))], levels, body)
         proc = subprocess.Popen([sys.executable, "-c", "from llada_xp.bench import _serve_child; _serve_child()",
-                                 str(args.threads), *overrides])
-        url = f"http://127.0.0.1:{port}"
+                                 *overrides])
+        url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.server.port}"
     try:
         with httpx.Client(base_url=url, timeout=60) as http:
             health = _wait_ready(http, proc)
@@ -187,11 +189,18 @@ def bench_server(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
     model = health.get("model", {})
+    # the server's torch threads as /health reports them, else as configured here; an external server's are its own
+    if health.get("threads"):
+        threads = f"{health['threads']} torch threads"
+    elif cfg is not None:
+        threads = f"{cfg.model.threads} torch threads" if cfg.model.threads else "model.threads=null (auto)"
+    else:
+        threads = "torch threads not reported"
+    where = f"external server {url}" if cfg is None else f"server started here at {url}"
     print(f"server bench: model {model.get('name')} ({model.get('parameters', 0) / 1e6:.2f}M parameters, "
-          f"{model.get('dtype')}) on {health.get('device')}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, {args.threads or 'default'} torch threads; max_batch_size "
-          f"{health.get('max_batch_size', '?')}; max_tokens {args.max_tokens}, temperature 0; overrides: "
-          f"{' '.join(overrides)}")
+          f"{model.get('dtype')}) on {health.get('device')}, {where}, {threads}; max_batch_size "
+          f"{health.get('max_batch_size', '?')}; bench client: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs; max_tokens {args.max_tokens}, temperature 0; overrides: {' '.join(overrides)}")
     head = f"{'conc':>5} {'reqs':>5} {'tokens':>7} {'wall s':>8} {'tok/s':>8} {'req/s':>7} {'p50 s':>7} " \
            f"{'p90 s':>7} {'p99 s':>7} {'× c=1':>6}"
     if ceiling:
@@ -307,11 +316,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--requests", type=int, default=128, help="at least this many requests per level")
     s.add_argument("--rounds", type=int, default=16, help="at least this many requests per client per level")
     s.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
-    s.add_argument("--threads", type=int, default=1, help="torch CPU threads in the server (default 1: on a shared "
-                                                          "CPU more threads oversubscribe it; 0 = torch's default)")
     s.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                    help="first time the Sampler alone (no HTTP) at each level's batch size, for comparison")
-    s.add_argument("overrides", nargs="*", help="Hydra overrides for the server, e.g. sampler=llada")
+    s.add_argument("overrides", nargs="*", help="Hydra overrides for the server it starts, e.g. sampler=llada; "
+                   "model.threads=1 unless given (on a shared CPU more threads oversubscribe it; model.threads=null: "
+                   "auto), server.port: a free one unless given")
     s.set_defaults(func=bench_server)
     b = sub.add_parser("sampler", help="decoding modes side by side on one model",
                        description="NFE, tokens/s, tokens per forward and the share of time outside model forwards "

@@ -1,9 +1,9 @@
 """The evaluation loop: a task's prompts through `Sampler.generate` in batches, scored, logged, resumable, shardable.
 
 Writes into the output dir samples.jsonl (one line per sample, appended as it finishes; a restart on the same dir
-continues where it stopped) and metrics.json (accuracy, speed, NFE, latency, fingerprint, resolved config), and
-logs to W&B when logger=wandb. Shards evaluate disjoint batches; `merge` joins their dirs. Knows nothing about
-Hydra (eval.py) or sweeps (report.py); never decodes by itself (sampler.py does).
+continues where it stopped) and metrics.json (accuracy, speed, NFE, latency, torch threads, fingerprint, resolved
+config), and logs to W&B when logger=wandb. Shards evaluate disjoint batches; `merge` joins their dirs. Knows
+nothing about Hydra (eval.py) or sweeps (report.py); never decodes by itself (sampler.py does).
 
     python -m llada_xp.evaluate merge --out DIR SHARD_DIR [SHARD_DIR ...]
 """
@@ -22,7 +22,7 @@ import socket
 import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 from urllib.parse import urlparse
 
 import numpy as np
@@ -47,35 +47,44 @@ class EvalError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------- entry
-def evaluate(cfg: EvalConfig) -> float:
-    """Run the evaluation and return metrics.json's `cfg.metric` (what eval.py hands to a sweeper)."""
-    metrics = run(cfg)
+def evaluate(cfg: EvalConfig, **kw) -> float:
+    """Run the evaluation (`run`) and return metrics.json's `cfg.metric` (what eval.py hands to a sweeper)."""
+    metrics = run(cfg, **kw)
     if cfg.metric not in metrics or not isinstance(metrics[cfg.metric], (int, float)):
         numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
         raise EvalError(f"metric={cfg.metric!r} is not a number in metrics.json; choose one of {numeric}")
     return float(metrics[cfg.metric])
 
 
-def run(cfg: EvalConfig) -> dict:
-    """Evaluate this shard of the task; return (and write) metrics.json's content."""
+def run(cfg: EvalConfig, overrides: Optional[dict[str, Any]] = None, name: Optional[str] = None) -> dict:
+    """Evaluate this shard of the task; return (and write) metrics.json's content.
+
+    `overrides` (key -> typed value: what this point of a sweep sets) and `name` go to the W&B run (name: default
+    task/model). The W&B run opens before the settings are checked, so a sweep point that fails shows in its group."""
     if cfg.output_dir is None:
         raise EvalError("output_dir is not set (eval.py sets it to Hydra's output dir)")
-    check(cfg)  # eval.py checked it already; callers of the Python API may not have
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    task = tasks.load(cfg.task)
-    logger = open_logger(cfg.logger, dataclasses.asdict(cfg))
-    ok = False
+    config = dict(dataclasses.asdict(cfg), overrides=dict(overrides or {}))
+    logger = open_logger(cfg.logger, config, name or f"{cfg.task.name}/{_model_name(cfg)}")
     try:
-        metrics = _run(cfg, task, out, logger)
-        ok = True
-        return metrics
-    finally:
-        logger.finish(ok)
+        check(cfg)  # eval.py checked it already; callers of the Python API may not have
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = _run(cfg, tasks.load(cfg.task), out, logger)
+    except BaseException as e:
+        logger.finish(e)
+        raise
+    logger.finish(None)
+    return metrics
+
+
+def _model_name(cfg: EvalConfig) -> str:
+    return cfg.model.name or (Path(cfg.model.path.rstrip("/")).name if cfg.model.path else cfg.model.source)
 
 
 def _run(cfg: EvalConfig, task: tasks.Task, out: Path, logger) -> dict:
     loaded = load_model(cfg.model)
+    fp = fingerprint(loaded.info)
+    logger.update_config(fingerprint=fp)
     tok = loaded.tokenizer
     ids = [task.prompt_ids(ex, tok) for ex in task.examples]
     batches = shard_batches(ids, cfg.batch_size, cfg.shard_index, cfg.num_shards)
@@ -99,7 +108,7 @@ def _run(cfg: EvalConfig, task: tasks.Task, out: Path, logger) -> dict:
             def on_event(ev, batch=batch, batch_id=batch_id):
                 if isinstance(ev, Finished):  # written at once: a killed run loses no finished sample
                     i = batch[ev.index]
-                    records[i] = _record(task, task.examples[i], ev.result, tok, key, batch_id)
+                    records[i] = _record(task, task.examples[i], ev.result, tok, key, batch_id, loaded.info.threads)
                     f.write(json.dumps(records[i]) + "\n")
                     f.flush()
                     bar.update(1)
@@ -111,11 +120,12 @@ def _run(cfg: EvalConfig, task: tasks.Task, out: Path, logger) -> dict:
     metrics = summarize(ordered)
     metrics.update(complete=len(records) == len(mine), expected=len(mine), resumed=len(done), task=task.name,
                    model=loaded.info.name, shard=dict(index=cfg.shard_index, num_shards=cfg.num_shards), key=key,
-                   wandb=logger.info(), fingerprint=fingerprint(loaded.info), config=dataclasses.asdict(cfg))
+                   wandb=logger.info(), fingerprint=fp, config=dataclasses.asdict(cfg))
     write_json(out / METRICS, metrics)
     logger.log(metrics, ordered)
-    log.info("%s on %s: accuracy %.4f (%d/%d), %.1f tokens/s, %.1f NFE/sample -> %s", loaded.info.name, task.name,
-             metrics["accuracy"], metrics["correct"], metrics["n"], metrics["tokens_per_s"], metrics["nfe_mean"], out)
+    log.info("%s on %s: accuracy %.4f (%d/%d), %.1f tokens/s (%s torch threads), %.1f NFE/sample -> %s",
+             loaded.info.name, task.name, metrics["accuracy"], metrics["correct"], metrics["n"],
+             metrics["tokens_per_s"], metrics["threads"], metrics["nfe_mean"], out)
     return metrics
 
 
@@ -136,7 +146,7 @@ def _request(prompt: list[int], cfg: EvalConfig, index: int) -> Request:
     return Request(prompt, settings)
 
 
-def _record(task, ex, result, tok, key: str, batch_id: str) -> dict:
+def _record(task, ex, result, tok, key: str, batch_id: str, threads: int) -> dict:
     output = tok.decode(result.tokens, skip_special_tokens=True)
     if isinstance(result.stop, str) and result.stop in output:
         output = output[:output.find(result.stop)]
@@ -144,12 +154,16 @@ def _record(task, ex, result, tok, key: str, batch_id: str) -> dict:
     return dict(index=ex.index, prompt=task.prompt(ex), output=output, reference=ex.reference,
                 correct=bool(task.score(output, ex.reference)), nfe=st.nfe, tokens=len(result.tokens),
                 committed=st.committed, finish_reason=result.finish_reason, latency_s=st.wall_s,
-                forward_s=st.forward_s, batch=batch_id, key=key)
+                forward_s=st.forward_s, batch=batch_id, threads=threads, key=key)
 
 
 def config_key(cfg: EvalConfig) -> str:
-    """A hash of what decides the samples (model, sampler, task): resumed and merged samples must share it."""
+    """A hash of what decides the samples (model, sampler, task): resumed and merged samples must share it.
+
+    model.threads is left out: it changes speed, not samples (a resume on another thread count keeps its samples;
+    each sample records its threads, and summarize says when a result's speed mixes thread counts)."""
     what = {k: dataclasses.asdict(getattr(cfg, k)) for k in ("model", "sampler", "task")}
+    what["model"].pop("threads")
     return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -196,10 +210,15 @@ def _resume(path: Path, key: str, mine: set[int]) -> dict[int, dict]:
 def summarize(records: list[dict]) -> dict:
     """Metrics of a list of sample records (the same function for runs, resumes and merges).
 
-    tokens/s counts answer tokens over the time the sampler spent: per batch, its slowest sample's latency."""
+    tokens/s counts answer tokens over the time the sampler spent: per batch, its slowest sample's latency. threads:
+    the torch CPU threads the samples ran with — a list of the counts when they differ (resumed or merged runs), as
+    the speed figures then mix them (None: samples written before threads were recorded)."""
     n = len(records)
     if n == 0:
         raise EvalError("no samples to summarize (empty task or shard?)")
+    threads = sorted({r.get("threads") for r in records}, key=str)
+    if len(threads) > 1:
+        log.warning("the samples ran with different torch thread counts %s: tokens/s and latencies mix them", threads)
     correct = sum(r["correct"] for r in records)
     nfe = [r["nfe"] for r in records]
     batch_time: dict[str, float] = {}
@@ -220,12 +239,23 @@ def summarize(records: list[dict]) -> dict:
         latency_p90_s=float(np.percentile(lat, 90)), latency_p99_s=float(np.percentile(lat, 99)),
         latency_max_s=float(lat.max()),
         finished_by_length=sum(r["finish_reason"] == "length" for r in records),
+        threads=threads[0] if len(threads) == 1 else threads,
     )
 
 
 # --------------------------------------------------------------------------------------------------- merge
 def merge(shard_dirs: list[Path], out: Path) -> dict:
     """Join the output dirs of all shards of one evaluation into `out` (samples.jsonl by index + metrics.json)."""
+    records, metrics = join(shard_dirs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in records))
+    metrics["config"]["output_dir"] = str(out)
+    write_json(out / METRICS, metrics)
+    return metrics
+
+
+def join(shard_dirs: list[Path]) -> tuple[list[dict], dict]:
+    """The samples (by index) and metrics of all shards of one evaluation, checked to be that; writes nothing."""
     if not shard_dirs:
         raise EvalError("merge: no shard dirs given")
     metas = []
@@ -250,15 +280,12 @@ def merge(shard_dirs: list[Path], out: Path) -> dict:
     if len(seen) != len(set(seen)):
         raise EvalError("merge: a sample index appears in more than one shard")
     records.sort(key=lambda r: r["index"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in records))
-    config = dict(metas[0]["config"], shard_index=0, num_shards=1, output_dir=str(out))
+    config = dict(metas[0]["config"], shard_index=0, num_shards=1, output_dir=None)
     metrics = summarize(records)
     metrics.update(complete=True, expected=len(records), resumed=0, task=metas[0]["task"], model=metas[0]["model"],
                    shard=dict(index=0, num_shards=1), key=metas[0]["key"], wandb=None,
                    fingerprint=metas[0]["fingerprint"], config=config, merged_from=[str(d) for d in shard_dirs])
-    write_json(out / METRICS, metrics)
-    return metrics
+    return records, metrics
 
 
 # --------------------------------------------------------------------------------------------------- logging
@@ -266,40 +293,53 @@ class _NoLogger:
     def info(self) -> Optional[dict]:
         return None
 
+    def update_config(self, **kw) -> None:
+        pass
+
     def log(self, metrics: dict, records: list[dict]) -> None:
         pass
 
-    def finish(self, ok: bool) -> None:
+    def finish(self, error: Optional[BaseException]) -> None:
         pass
 
 
 class _WandbLogger:
-    """One W&B run per evaluation: config = the resolved config, summary = the metrics, a per-sample table."""
+    """One W&B run per evaluation, named after its overrides: config = the resolved config, the overrides (typed
+    values) and the fingerprint; the numeric metrics logged (the UI's charts) and in the summary; a per-sample table.
+    A failed evaluation finishes its run with exit code 1 and the error in the summary."""
 
-    def __init__(self, cfg: LoggerConfig, config: dict):
+    def __init__(self, cfg: LoggerConfig, config: dict, name: str):
         self.cfg = cfg
-        self.run = init_wandb(cfg, config=config, job_type="eval")
+        self.run = init_wandb(cfg, config=config, job_type="eval", name=name)
 
     def info(self) -> dict:
-        return dict(id=self.run.id, project=self.run.project, group=self.cfg.group, dir=self.run.dir)
+        run = self.run
+        return dict(id=run.id, project=run.project, group=self.cfg.group, dir=run.dir, name=run.name)
+
+    def update_config(self, **kw) -> None:
+        self.run.config.update(kw)
 
     def log(self, metrics: dict, records: list[dict]) -> None:
         import wandb
 
-        self.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+        logged: dict[str, Any] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.cfg.log_samples:
             cols = ["index", "prompt", "output", "reference", "correct", "nfe"]
-            self.run.log({"samples": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in records])})
+            logged["samples"] = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in records])
+        self.run.log(logged)  # also sets the summary of these keys
+        self.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, str)})
 
-    def finish(self, ok: bool) -> None:
-        self.run.finish(exit_code=0 if ok else 1)
+    def finish(self, error: Optional[BaseException]) -> None:
+        if error is not None:
+            self.run.summary.update(dict(error=f"{type(error).__name__}: {error}"))
+        self.run.finish(exit_code=0 if error is None else 1)
 
 
-def open_logger(cfg: LoggerConfig, config: dict):
+def open_logger(cfg: LoggerConfig, config: dict, name: str):
     if cfg.name == "none":
         return _NoLogger()
     if cfg.name == "wandb":
-        return _WandbLogger(cfg, config)
+        return _WandbLogger(cfg, config, name)
     raise EvalError(f"logger.name must be none or wandb, got {cfg.name!r}")
 
 

@@ -2,9 +2,12 @@
 with the Pareto front marked (quality_vs_speed.png), all in the sweep dir and logged to the sweep's W&B group.
 
 Points that failed (eval.py wrote failed.json in their dir) are listed with their error and log file, and make the
-sweep's exit status 1. Runs by itself after a multirun (`ReportCallback`, configured in conf/eval.yaml) or by hand:
+sweep's exit status 1. Points that are shards of one evaluation (same settings, shard_index swept) are one point of
+the report, their merged result; an evaluation with a shard missing is listed as failed, not plotted. Runs by itself
+after a multirun (`ReportCallback`, configured in conf/eval.yaml) or by hand:
     python -m llada_xp.report SWEEP_DIR [--no-wandb]
-Reads only output dirs (metrics.json, .hydra/overrides.yaml); knows nothing about models or sampling.
+Reads only output dirs (metrics.json, failed.json, .hydra/overrides.yaml; shards' samples.jsonl to merge them);
+knows nothing about models or sampling.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ log = logging.getLogger(__name__)
 
 CSV, MARKDOWN, PLOT = "report.csv", "report.md", "quality_vs_speed.png"
 FAILED = "failed.json"  # written by eval.py into the output dir of a sweep point that failed
-# metrics.json keys shown per point, with their format
+# metrics.json keys shown per point, with their format (threads: torch CPU threads the speed was measured with)
 METRICS = {"accuracy": "{:.3f}", "tokens_per_s": "{:.1f}", "nfe_mean": "{:.1f}", "tokens_per_forward_total": "{:.2f}",
-           "latency_p50_s": "{:.3f}", "n": "{}"}
+           "latency_p50_s": "{:.3f}", "n": "{}", "threads": "{}"}
+NO_PLOT = "no point of the sweep finished"  # why a report has no plot
 
 
 class ReportError(RuntimeError):
@@ -48,6 +52,7 @@ class Failure:
     overrides: dict[str, str]
     error: str
     log: str  # the point's log file
+    logger: dict = field(default_factory=dict)  # the point's logger config (where the report logs to)
 
 
 @dataclass
@@ -56,12 +61,13 @@ class Report:
     swept: list[str]
     csv: Path
     markdown: Path
-    plot: Optional[Path]  # None when no point finished
+    plot: Optional[Path]  # None when no point finished (NO_PLOT)
     table: str  # the Markdown table (and the failed points)
     failed: list[Failure] = field(default_factory=list)
 
 
 def _job_order(d: Path) -> list:
+    d = Path(str(d).split("+")[0])  # merged shards "0+1": where their first shard is
     return [(0, int(s)) if s.isdigit() else (1, s) for s in d.parts]
 
 
@@ -85,8 +91,37 @@ def collect_failed(sweep_dir: Path) -> list[Failure]:
             continue
         info = json.loads(f.read_text())
         out.append(Failure(f.parent.relative_to(sweep_dir), _overrides(f.parent), info.get("error", "?"),
-                           info.get("log", "")))
+                           info.get("log", ""), info.get("logger") or {}))
     return sorted(out, key=lambda p: _job_order(p.dir))
+
+
+def merge_shards(points: list[Point], sweep_dir: Path) -> tuple[list[Point], list[Failure]]:
+    """Shards of one evaluation (same settings apart from shard_index) → one point of their merged result, named
+    "0+1+…"; an evaluation with a shard missing or unfinished → a failure (part of a task is not a result to plot).
+    A merged dir of the same evaluation (evaluate merge --out inside the sweep dir) is then left out: it is the same."""
+    groups: dict[tuple, list[Point]] = {}
+    for p in points:
+        if p.metrics.get("shard", {}).get("num_shards", 1) > 1:
+            settings = tuple(sorted((k, v) for k, v in p.overrides.items() if k != "shard_index"))
+            groups.setdefault((p.metrics["key"], settings), []).append(p)
+    if not groups:
+        return points, []
+    from llada_xp.evaluate import EvalError, join
+
+    shards, keys = {id(p) for g in groups.values() for p in g}, {k for k, _ in groups}
+
+    def kept(p: Point) -> bool:  # neither a shard nor a merge of shards that are here
+        return id(p) not in shards and not (p.metrics.get("merged_from") and p.metrics.get("key") in keys)
+
+    out, failed = [p for p in points if kept(p)], []
+    for g in groups.values():
+        name = Path("+".join(str(p.dir) for p in g))
+        overrides = {k: v for k, v in g[0].overrides.items() if k != "shard_index"}
+        try:
+            out.append(Point(name, overrides, join([sweep_dir / p.dir for p in g])[1]))
+        except EvalError as e:
+            failed.append(Failure(name, overrides, f"sharded evaluation not plotted: {e}", ""))
+    return sorted(out, key=lambda p: _job_order(p.dir)), failed
 
 
 def _read_overrides(path: Path) -> list[str]:
@@ -98,6 +133,13 @@ def _read_overrides(path: Path) -> list[str]:
 def _split(override: str) -> tuple[str, str]:
     k, _, v = override.partition("=")
     return k.lstrip("+~"), v
+
+
+def typed_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Override strings → {key: the value as Hydra reads it} (0.7 a float, 12 an int, null None, [a] a list)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(list(overrides))}
 
 
 def swept_keys(points: list) -> list[str]:
@@ -118,9 +160,9 @@ def mark_pareto(points: list[Point]) -> None:
 
 def rows(points: list[Point], swept: list[str]) -> tuple[list[str], list[list[str]]]:
     header = ["point", *swept, *METRICS, "pareto"]
-    body = [[str(p.dir), *(p.overrides.get(k, "") for k in swept), *(fmt.format(p.metrics[k]) for k, fmt in
-                                                                      METRICS.items()), "yes" if p.pareto else ""]
-            for p in points]
+    body = [[str(p.dir), *(p.overrides.get(k, "") for k in swept),
+             *("" if p.metrics.get(k) is None else fmt.format(p.metrics[k]) for k, fmt in METRICS.items()),
+             "yes" if p.pareto else ""] for p in points]
     return header, body
 
 
@@ -185,6 +227,8 @@ def report(sweep_dir: Path, log_wandb: bool = True) -> Report:
     points, failed = collect(sweep_dir), collect_failed(sweep_dir)
     if not points and not failed:
         raise ReportError(f"no metrics.json under {sweep_dir}: no point of the sweep finished")
+    points, unmerged = merge_shards(points, sweep_dir)
+    failed = sorted(failed + unmerged, key=lambda p: _job_order(p.dir))
     swept = swept_keys(points + failed)
     for p in points:
         p.params = {k: p.overrides.get(k, "") for k in swept}
@@ -193,11 +237,17 @@ def report(sweep_dir: Path, log_wandb: bool = True) -> Report:
     with open(sweep_dir / CSV, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header + ["error"])
-        w.writerows([[p.dir, *(p.overrides.get(k, "") for k in swept), *(p.metrics[k] for k in METRICS),
+        w.writerows([[p.dir, *(p.overrides.get(k, "") for k in swept), *(p.metrics.get(k) for k in METRICS),
                       p.pareto, ""] for p in points])
         w.writerows([[p.dir, *(p.overrides.get(k, "") for k in swept), *("" for _ in METRICS), "", p.error]
                      for p in failed])
-    table = markdown(header, body) if points else "No point of the sweep finished.\n"
+    table = markdown(header, body) if points else f"No plot: {NO_PLOT}.\n"
+    threads = {str(p.metrics.get("threads") or "unknown") for p in points}
+    if len(threads) > 1 and "model.threads" not in swept:  # speed figures of different thread counts: say so
+        note = f"The points ran with different torch thread counts ({', '.join(sorted(threads))}): their tokens/s " \
+               f"are not comparable."
+        log.warning(note)
+        table += f"\n{note}\n"
     if failed:
         table += f"\n{len(failed)} failed point(s):\n\n" + markdown(
             ["point", *swept, "error", "log"],
@@ -210,20 +260,22 @@ def report(sweep_dir: Path, log_wandb: bool = True) -> Report:
         plot_path = sweep_dir / PLOT
         plot(points, plot_path, f"{m0.get('model', '?')} on {m0.get('task', '?')}: accuracy vs tokens/s")
     rep = Report(points, swept, sweep_dir / CSV, sweep_dir / MARKDOWN, plot_path, table, failed)
-    log.info("sweep report of %d points: %s, %s, %s", len(points), rep.csv, rep.markdown, rep.plot)
+    log.info("sweep report of %d points: %s, %s, %s", len(points), rep.csv, rep.markdown,
+             rep.plot or f"no plot ({NO_PLOT})")
     for p in failed:
         log.error("point %s failed: %s (log: %s)", p.dir, p.error, p.log)
-    if log_wandb and points:
+    if log_wandb:
         _log_wandb(rep, sweep_dir)
     return rep
 
 
 def _log_wandb(rep: Report, sweep_dir: Path) -> None:
-    """One run of job_type "report" in the points' W&B group: the table and the plot."""
+    """One run of job_type "report" in the points' W&B group: the table (swept values typed: numbers are numbers), the
+    failed points and the plot — or, when no point finished, the summary's `plot` saying why there is none."""
     from llada_xp.config import LoggerConfig
     from llada_xp.evaluate import init_wandb
 
-    cfgs = [p.metrics.get("config", {}).get("logger", {}) for p in rep.points]
+    cfgs = [p.metrics.get("config", {}).get("logger", {}) for p in rep.points] + [p.logger for p in rep.failed]
     cfgs = [c for c in cfgs if c.get("name") == "wandb"]
     if not cfgs:
         return
@@ -231,13 +283,24 @@ def _log_wandb(rep: Report, sweep_dir: Path) -> None:
 
     cfg = LoggerConfig(**cfgs[0])
     run = init_wandb(cfg, job_type="report", name=f"report-{cfg.group or sweep_dir.name}",
-                     config=dict(sweep_dir=str(sweep_dir), points=len(rep.points), swept=rep.swept))
+                     config=dict(sweep_dir=str(sweep_dir), points=len(rep.points), failed=len(rep.failed),
+                                 swept=rep.swept))
     ok = False
     try:
-        header = ["point", *rep.swept, *METRICS, "pareto"]
-        data = [[str(p.dir), *(p.params[k] for k in rep.swept), *(p.metrics[k] for k in METRICS), p.pareto]
-                for p in rep.points]
-        run.log({"sweep": wandb.Table(columns=header, data=data), "quality_vs_speed": wandb.Image(str(rep.plot))})
+        logged = {}
+        if rep.points:
+            header = ["point", *rep.swept, *METRICS, "pareto"]
+            data = [[str(p.dir), *typed_overrides([f"{k}={p.params[k]}" for k in rep.swept]).values(),
+                     *(p.metrics.get(k) for k in METRICS), p.pareto] for p in rep.points]
+            logged["sweep"] = wandb.Table(columns=header, data=data, allow_mixed_types=True)
+        if rep.failed:
+            data = [[str(p.dir), *(p.overrides.get(k, "") for k in rep.swept), p.error, p.log] for p in rep.failed]
+            logged["failed"] = wandb.Table(columns=["point", *rep.swept, "error", "log"], data=data)
+        if rep.plot:
+            logged["quality_vs_speed"] = wandb.Image(str(rep.plot))
+        else:
+            run.summary["plot"] = f"none: {NO_PLOT}"
+        run.log(logged)
         ok = True
     finally:
         run.finish(exit_code=0 if ok else 1)

@@ -1,6 +1,7 @@
 """Composed configs are checked before anything runs: unknown keys (Hydra's `+key=` adds them silently), values out
 of range, and the schemas are not choices of any group."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,16 @@ def test_entry_points_refuse_to_start_on_a_bad_config(tmp_path, script, override
     assert out.returncode == 1, out.stderr[-2000:]
     assert message in out.stdout + out.stderr
     assert "Uvicorn running" not in out.stderr and "accuracy" not in out.stderr  # nothing ran
+
+
+@pytest.mark.slow
+def test_a_sweep_point_with_a_bad_value_fails_alone(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = subprocess.run([sys.executable, str(ROOT / "eval.py"), "-m", "sampler.threshold=0.9,2", "task.limit=2",
+                          "progress=false", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert (sweep / "0" / "metrics.json").exists()
+    failed = json.loads((sweep / "1" / "failed.json").read_text())
+    assert failed["type"] == "ConfigError" and failed["error"].startswith("sampler.threshold must be in [0, 1]")
+    assert "sampler.threshold" in (sweep / "report.md").read_text()

@@ -4,6 +4,7 @@ The slow tests run eval.py as a subprocess with real Hydra on the demo model; th
 in-process with a tiny model.
 """
 
+import csv
 import dataclasses
 import json
 import os
@@ -101,7 +102,7 @@ def wandb_records(path: Path):
 
 
 def wandb_runs(wandb_dir: Path, timeout: float = 20.0) -> list[dict]:
-    """Each offline run under wandb_dir: group, job type, config, summary, logged keys, exit code.
+    """Each offline run under wandb_dir: name, group, job type, config, summary, logged keys and values, exit code.
 
     wandb's service process may still be flushing a run's .wandb file after finish() returns: read until every run
     has its run and exit records (or the timeout)."""
@@ -114,7 +115,7 @@ def wandb_runs(wandb_dir: Path, timeout: float = 20.0) -> list[dict]:
 
 
 def _read_run(d: Path) -> dict:
-    run = dict(dir=d, config={}, summary={}, logged=set(), exit=None)
+    run = dict(dir=d, config={}, summary={}, logged=set(), history={}, exit=None)
     f = next(d.glob("*.wandb"), None)
     if f is None or f.stat().st_size < 7:
         return run
@@ -122,14 +123,15 @@ def _read_run(d: Path) -> dict:
         kind = r.WhichOneof("record_type")
         if kind == "run":
             run.update(group=r.run.run_group, job_type=r.run.job_type, project=r.run.project,
-                       tags=list(r.run.tags))
+                       tags=list(r.run.tags), name=r.run.display_name)
             run["config"].update({u.key: json.loads(u.value_json) for u in r.run.config.update})
         elif kind == "config":
             run["config"].update({u.key: json.loads(u.value_json) for u in r.config.update})
         elif kind == "summary":
-            run["summary"].update({u.key: json.loads(u.value_json) for u in r.summary.update})
+            run["summary"].update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in r.summary.update})
         elif kind == "history":
             run["logged"] |= {(u.key or "/".join(u.nested_key)).split("/")[0] for u in r.history.item}
+            run["history"].update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in r.history.item})
         elif kind == "exit":
             run["exit"] = r.exit.exit_code
     return run
@@ -205,6 +207,18 @@ def test_rerun_on_a_finished_dir_recomputes_nothing(tiny_dir, tmp_path):
     assert again["resumed"] == LIMIT and again["accuracy"] == first["accuracy"]
 
 
+def test_resume_on_another_thread_count_keeps_the_samples_and_says_the_speed_mixes_them(tiny_dir, tmp_path):
+    first = run(tiny_cfg(tiny_dir, tmp_path, model=ModelConfig(source="hf", path=str(tiny_dir / "model"), threads=1)))
+    assert first["threads"] == 1 and first["fingerprint"]["model"]["threads"] == 1
+    lines = (tmp_path / SAMPLES).read_text().splitlines(keepends=True)
+    (tmp_path / SAMPLES).write_text("".join(lines[:4]))  # as if it was stopped after 4 samples
+    m = run(tiny_cfg(tiny_dir, tmp_path, model=ModelConfig(source="hf", path=str(tiny_dir / "model"), threads=2)))
+    assert m["resumed"] == 4 and m["n"] == LIMIT and m["complete"]
+    assert [r["threads"] for r in read_samples(tmp_path / SAMPLES)] == [1] * 4 + [2] * (LIMIT - 4)
+    assert m["threads"] == [1, 2]  # tokens/s mixes two thread counts, and says so
+    assert summarize(read_samples(tmp_path / SAMPLES)[4:])["threads"] == 2
+
+
 def test_resume_refuses_samples_of_another_configuration(tiny_dir, tmp_path):
     run(tiny_cfg(tiny_dir, tmp_path, task=TaskConfig(name="jsonl", path=str(tiny_dir / "qa.jsonl"), limit=4)))
     changed = tiny_cfg(tiny_dir, tmp_path, sampler=SamplerConfig(gen_length=16, steps=8, block_length=8))
@@ -231,7 +245,7 @@ def test_bad_settings_fail_before_loading_the_model(tmp_path):
         run(dataclasses.replace(cfg, shard_index=2, num_shards=2))
 
 
-def test_wandb_run_is_finished_as_failed_when_the_evaluation_fails(tiny_dir, tmp_path, monkeypatch):
+def test_wandb_run_is_finished_as_failed_with_its_error_when_the_evaluation_fails(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = tiny_cfg(tiny_dir, tmp_path / "out", model=ModelConfig(source="hf", path=str(tmp_path / "no_model")),
                    logger=LoggerConfig(name="wandb", mode="offline", group="g", tags=["t"], dir=str(tmp_path)))
@@ -239,9 +253,28 @@ def test_wandb_run_is_finished_as_failed_when_the_evaluation_fails(tiny_dir, tmp
 
     with pytest.raises(ModelLoadError):
         run(cfg)
+    with pytest.raises(ValueError, match="threshold"):  # a bad setting: the point still shows in its W&B group
+        run(dataclasses.replace(cfg, sampler=SamplerConfig(threshold=2.0)), name="sampler.threshold=2.0")
+    no_model, bad = sorted(wandb_runs(tmp_path), key=lambda r: r["config"]["sampler"]["threshold"])
+    assert no_model["exit"] == 1 and no_model["group"] == "g" and no_model["tags"] == ["t"]
+    assert no_model["config"]["model"]["path"] == str(tmp_path / "no_model")
+    assert no_model["summary"]["error"].startswith("ModelLoadError: model folder not found")
+    assert bad["exit"] == 1 and bad["name"] == "sampler.threshold=2.0" and "threshold" in bad["summary"]["error"]
+    assert "accuracy" not in no_model["summary"] | bad["summary"]
+
+
+def test_wandb_run_logs_the_metrics_and_holds_the_overrides_and_fingerprint(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_cfg(tiny_dir, tmp_path / "out", task=TaskConfig(name="jsonl", path=str(tiny_dir / "qa.jsonl"), limit=4),
+                   logger=LoggerConfig(name="wandb", mode="offline", dir=str(tmp_path), log_samples=False))
+    m = run(cfg, overrides={"sampler.threshold": 0.9, "task.limit": 4})
     (r,) = wandb_runs(tmp_path)
-    assert r["exit"] == 1 and r["group"] == "g" and r["tags"] == ["t"]
-    assert r["config"]["model"]["path"] == str(tmp_path / "no_model")
+    assert r["name"] == "jsonl/model" and m["wandb"]["name"] == r["name"]  # no name given: task/model
+    for key in ("accuracy", "tokens_per_s", "nfe_mean", "latency_p50_s", "n", "threads"):
+        assert r["history"][key] == r["summary"][key] == m[key], key  # run.log: the UI charts them
+    assert r["summary"]["task"] == "jsonl" and "task" not in r["logged"]  # strings: summary only
+    assert r["config"]["overrides"] == {"sampler.threshold": 0.9, "task.limit": 4}
+    assert r["config"]["fingerprint"] == json.loads(json.dumps(m["fingerprint"])) and m["fingerprint"]["cpu_count"]
 
 
 def test_merge_refuses_incomplete_or_missing_shards(tiny_dir, tmp_path):
@@ -320,13 +353,25 @@ def test_multirun_logs_each_point_to_one_wandb_group_and_reports(model_args, tmp
     (rep,) = [r for r in runs if r["job_type"] == "report"]
     assert len(evals) == 4 and len({r["group"] for r in runs}) == 1 and evals[0]["group"]
     for m, r in zip(metrics, evals):
-        assert r["config"] == {k: v for k, v in m["config"].items()} | {"_wandb": r["config"]["_wandb"]}
-        assert r["summary"]["accuracy"] == m["accuracy"] and r["summary"]["nfe_mean"] == m["nfe_mean"]
+        thr, cache = m["config"]["sampler"]["threshold"], m["config"]["sampler"]["cache"]
+        assert r["name"] == f"sampler.threshold={thr},sampler.cache={cache}"  # the swept overrides
+        assert r["config"]["overrides"] | {"logger.tags": ["ci"]} == {
+            "model": "demo", "task": "demo", "sampler.gen_length": 64, "sampler.steps": 64, "task.limit": LIMIT,
+            "batch_size": BATCH, "progress": False, "sampler.block_length": 8, "logger": "wandb",
+            "logger.tags": ["ci"], "sampler.threshold": thr, "sampler.cache": cache}  # typed: 0.5 is a number
+        assert r["config"] == m["config"] | {"_wandb": r["config"]["_wandb"], "overrides": r["config"]["overrides"],
+                                             "fingerprint": m["fingerprint"]}
+        for key in ("accuracy", "nfe_mean", "tokens_per_s", "threads"):
+            assert r["history"][key] == r["summary"][key] == m[key], key
         assert "samples" in r["logged"] and r["exit"] == 0 and r["tags"] == ["ci"]
         assert m["wandb"]["id"] in r["dir"].name
     assert [(m["config"]["sampler"]["threshold"], m["config"]["sampler"]["cache"]) for m in metrics] == [
         (0.5, "none"), (0.5, "dual"), (0.9, "none"), (0.9, "dual")]
     assert {"sweep", "quality_vs_speed"} <= rep["logged"] and rep["exit"] == 0
+    (table,) = rep["dir"].glob("files/media/table/sweep_*.table.json")
+    table = json.loads(table.read_text())
+    assert table["columns"][:3] == ["point", "sampler.threshold", "sampler.cache"]
+    assert [row[1:3] for row in table["data"]] == [[0.5, "none"], [0.5, "dual"], [0.9, "none"], [0.9, "dual"]]
     csv_rows = (sweep / "report.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 1 + 4 and csv_rows[0].startswith("point,sampler.threshold,sampler.cache,accuracy")
     assert len((sweep / "report.md").read_text().strip().splitlines()) == 2 + 4
@@ -357,13 +402,15 @@ def test_a_failing_point_does_not_stop_the_sweep_and_is_reported(model_args, tmp
 def test_two_shards_merge_to_exactly_the_unsharded_result(single, model_args, tmp_path):
     sweep = tmp_path / "shards"
     eval_py(["-m", *model_args, "num_shards=2", "shard_index=0,1", f"hydra.sweep.dir={sweep}"], tmp_path)
+    whole = json.loads((single / METRICS).read_text())
+    (point,) = csv.DictReader(open(sweep / "report.csv"))  # the report: one point, the shards' merged result
+    assert point["point"] == "0+1" and int(point["n"]) == LIMIT and float(point["accuracy"]) == whole["accuracy"]
     shard_records = [read_samples(sweep / k / SAMPLES) for k in ("0", "1")]
     assert all(shard_records) and sum(map(len, shard_records)) == LIMIT
     from llada_xp.evaluate import main as evaluate_cli
 
     evaluate_cli(["merge", str(sweep / "0"), str(sweep / "1"), "--out", str(tmp_path / "merged")])
     merged = json.loads((tmp_path / "merged" / METRICS).read_text())
-    whole = json.loads((single / METRICS).read_text())
     for key in ("n", "correct", "accuracy", "nfe_total", "nfe_mean", "generated_tokens", "tokens_per_forward_total",
                 "tokens_per_forward_mean", "model_forwards", "key"):
         assert merged[key] == whole[key], key

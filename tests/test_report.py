@@ -80,3 +80,56 @@ def test_report_logs_table_and_plot_to_the_points_wandb_group(tmp_path, monkeypa
     (run,) = wandb_runs(tmp_path / "wb")
     assert (run["group"], run["job_type"], run["exit"]) == ("sweep-7", "report", 0)
     assert {"sweep", "quality_vs_speed"} <= run["logged"]
+    (table,) = run["dir"].glob("files/media/table/sweep_*.table.json")
+    table = json.loads(table.read_text())
+    assert table["columns"][:4] == ["point", "sampler.threshold", "sampler.cache", "accuracy"]
+    assert [row[:4] for row in table["data"]] == [[str(k), float(t), c, a] for k, (t, c, a, _) in enumerate(POINTS)]
+
+
+def fake_failure(d, threshold, logger):
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=demo", f"sampler.threshold={threshold}"]))
+    (d / "failed.json").write_text(json.dumps(dict(error="sampler.threshold must be in [0, 1]", type="ValueError",
+                                                   log=str(d / "eval.log"), logger=logger)))
+
+
+def test_an_all_failed_sweep_logs_its_failures_and_says_why_there_is_no_plot(tmp_path, monkeypatch, caplog):
+    from tests.test_eval import wandb_runs
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = dict(name="wandb", project="p", entity=None, group="sweep-8", tags=[], mode="offline",
+                  dir=str(tmp_path / "wb"), log_samples=True)
+    for k, thr in enumerate(("2.0", "3.0")):
+        fake_failure(tmp_path / "sweep" / str(k), thr, logger)
+    with caplog.at_level("INFO", logger="llada_xp.report"):
+        rep = report(tmp_path / "sweep")
+    assert rep.plot is None and not (tmp_path / "sweep" / PLOT).exists() and len(rep.failed) == 2
+    assert "no plot (no point of the sweep finished)" in caplog.text and "None" not in caplog.text
+    assert (tmp_path / "sweep" / MARKDOWN).read_text().startswith("No plot: no point of the sweep finished.")
+    (run,) = wandb_runs(tmp_path / "wb")
+    assert (run["group"], run["job_type"], run["exit"]) == ("sweep-8", "report", 0)
+    assert "failed" in run["logged"] and "quality_vs_speed" not in run["logged"] and "sweep" not in run["logged"]
+    assert run["summary"]["plot"] == "none: no point of the sweep finished" and run["config"]["failed"] == 2
+
+
+def test_a_sharded_evaluation_with_a_missing_shard_is_listed_as_failed_not_plotted(tmp_path):
+    fake_sweep(tmp_path, POINTS[:2])
+    for k in ("0", "1"):  # shards 0 and 1 of 3 finished; shard 2 never ran
+        m = json.loads((tmp_path / k / "metrics.json").read_text())
+        m.update(key="abc", complete=True, shard=dict(index=int(k), num_shards=3))
+        (tmp_path / k / "metrics.json").write_text(json.dumps(m))
+        (tmp_path / k / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["num_shards=3", f"shard_index={k}"]))
+    rep = report(tmp_path)
+    assert rep.points == [] and rep.plot is None
+    (failed,) = rep.failed
+    assert str(failed.dir) == "0+1" and "shard index exactly once, got [0, 1]" in failed.error
+
+
+def test_points_timed_with_different_thread_counts_are_flagged(tmp_path):
+    fake_sweep(tmp_path)
+    m = json.loads((tmp_path / "1" / "metrics.json").read_text())
+    (tmp_path / "1" / "metrics.json").write_text(json.dumps(m | dict(threads=4)))
+    rep = report(tmp_path)
+    assert "different torch thread counts (4, unknown)" in rep.table
+    rows = list(csv.DictReader(open(tmp_path / CSV)))
+    assert [r["threads"] for r in rows] == ["", "4", "", "", ""]

@@ -40,23 +40,27 @@ log = logging.getLogger("llada_xp.demo.train")
 DEFAULT_OUT = Path(__file__).parent / "model"
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m llada_xp.demo.train", description=__doc__, formatter_class=_Help)
     p.add_argument("--seed", type=int, default=0, help="training seed (weights, data, masks)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (HF layout)")
     p.add_argument("--steps", type=int, default=8000, help="optimizer steps (the schedule's length)")
     p.add_argument("--minutes", type=float, default=20.0, help="wall-clock cap; stops early (and says so)")
     p.add_argument("--eps", type=float, default=0.1, help="t = (1 - eps) u + eps: the smallest masking ratio "
                                                           "(LLaDA: 1e-3); larger caps the 1/t weight")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=200, help="linear warmup steps, then cosine to lr/10")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--d-model", type=int, default=128, help="hidden size")
+    p.add_argument("--n-heads", type=int, default=4, help="attention heads")
+    p.add_argument("--n-layers", type=int, default=4, help="transformer blocks")
     p.add_argument("--mlp", type=int, default=384, help="mlp_hidden_size")
-    p.add_argument("--rope-theta", type=float, default=100.0)
+    p.add_argument("--rope-theta", type=float, default=100.0, help="RoPE base")
     p.add_argument("--gen-length", type=int, default=192, help="longest answer canvas (answer + EoT + EOS padding)")
     p.add_argument("--long-canvas-prob", type=float, default=0.25, help="share of batches padded to a random length "
                                                                         "up to --gen-length")
@@ -64,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                         "answer")
     p.add_argument("--pool", type=int, default=8, help="batches drawn together and grouped by answer length")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=100, help="log the loss every N steps")
     p.add_argument("--eval-every", type=int, default=1000, help="held-out check (dual cache, threshold 0.9) every N "
                                                                "steps; 0 = never")
     p.add_argument("--eval-n", type=int, default=100, help="held-out examples in each periodic check")
