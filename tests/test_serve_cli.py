@@ -95,17 +95,19 @@ def test_server_requires_the_key_from_its_file_and_no_output_file_holds_it(tmp_p
     assert files_holding(outputs, KEY) == []  # ... with the key file's path, never the key
 
 
-def test_two_serve_runs_in_the_same_second_get_their_own_output_dirs():
+@pytest.mark.parametrize("primary,key,parent", [("serve", "run", "outputs"), ("eval", "run", "outputs/eval"),
+                                                 ("eval", "sweep", "multirun/eval")])
+def test_two_runs_in_the_same_second_get_their_own_output_dirs(primary, key, parent):
     register()
     resolvers.register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        run_dir = lambda: str(compose("serve", return_hydra_config=True).hydra.run.dir)  # noqa: E731
+        run_dir = lambda: str(compose(primary, return_hydra_config=True).hydra[key].dir)  # noqa: E731
         run_dir()  # warm: a compose then takes milliseconds
         while time.time() % 1 > 0.5:
             time.sleep(0.05)
         dirs = [run_dir(), run_dir()]
     (parent_a, a), (parent_b, b) = (d.rsplit("/", 1) for d in dirs)
-    assert parent_a == parent_b == f"outputs/{time.strftime('%Y-%m-%d')}"
+    assert parent_a == parent_b == f"{parent}/{time.strftime('%Y-%m-%d')}"
     assert a[:8] == b[:8]  # HH-MM-SS: started in the same second ...
     assert a != b  # ... in folders of their own
 
