@@ -541,7 +541,8 @@ def cache_root(cache_dir: Optional[str] = None) -> Path:
 
 
 def _key(fp: str, base: Base, dtype: Optional[torch.dtype]) -> str:
-    parts = [FORMAT, fp, base.name, base.revision, hashlib.sha256(base.config_json).hexdigest(), str(dtype)]
+    where = str(base.folder) if _looks_local(base.name) else base.name  # ./base, base and /abs/base: one entry
+    parts = [FORMAT, fp, where, base.revision, hashlib.sha256(base.config_json).hexdigest(), str(dtype)]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 

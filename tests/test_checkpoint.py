@@ -7,6 +7,7 @@ Checkpoints are real torch.distributed.checkpoint saves of tiny random models (a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -167,6 +168,9 @@ def test_model_source_dcp_loads_through_the_cache_and_reuses_it(models, tmp_path
     caplog.clear()
     assert checkpoint.converted_folder(cfg) == Path(loaded.info.path)
     assert "reusing" in caplog.text and "converting" not in caplog.text
+    # The same base folder spelt another way (relative to the working dir) is the same cache entry.
+    relative = os.path.relpath(base, Path.cwd())
+    assert checkpoint.converted_folder(dataclasses.replace(cfg, base_model=relative)) == Path(loaded.info.path)
     # A changed checkpoint (a shard rewritten) is a new cache entry, never the stale one.
     shard = path / "weights" / "model" / "__0_0.distcp"
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
