@@ -109,16 +109,20 @@ class Engine:
         tokens=False: deliver only Finished (and Failed) events, sparing the event loop one wake-up per step."""
         job = Job(requests, asyncio.get_running_loop(), tokens, engine=self)
         with self._cond:
-            if self._stopped:
-                raise QueueFull("the engine is shutting down", 1)
             if len(requests) > self.max_queue:
                 raise ValueError(f"{len(requests)} rows can never fit the queue (max_queue={self.max_queue})")
-            if len(self._waiting) + len(requests) > self.max_queue:
-                raise QueueFull(f"the server is busy: {len(self._waiting)} rows waiting (max_queue="
-                                f"{self.max_queue})", max(1, math.ceil(self.last_batch_s)))
+            self.check_room(len(requests))
             self._waiting.extend(_Row(job, i, r) for i, r in enumerate(requests))
             self._cond.notify()
         return job
+
+    def check_room(self, rows: int = 1) -> None:
+        """Raise QueueFull if `rows` more rows cannot wait now (callers check early and cheaply; submit again)."""
+        if self._stopped:
+            raise QueueFull("the engine is shutting down", 1)
+        if len(self._waiting) + rows > self.max_queue:
+            raise QueueFull(f"the server is busy: {len(self._waiting)} rows waiting (max_queue={self.max_queue})",
+                            max(1, math.ceil(self.last_batch_s)))
 
     def _drop(self, job: Job) -> None:
         with self._cond:

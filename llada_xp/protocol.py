@@ -19,9 +19,9 @@ import logging
 import math
 import time
 import uuid
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from llada_xp.config import SamplerConfig
 
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+               413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -50,6 +51,19 @@ def error_body(status: int, message: str, param: Optional[str] = None, code: Opt
                       "code": code}}
 
 
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Optional[str]
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (for the OpenAPI document)."""
+
+    error: ErrorInfo
+
+
 def param_name(loc: tuple) -> Optional[str]:
     """('body', 'messages', 0, 'role') → 'messages[0].role'."""
     parts = [p for p in loc if p != "body"]
@@ -59,16 +73,34 @@ def param_name(loc: tuple) -> Optional[str]:
     return out or None
 
 
+def valid_unicode(text: str, what: str) -> str:
+    """`text`, or ValueError if it holds a lone UTF-16 surrogate (JSON allows "\\ud800"; no tokenizer does)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: lone surrogate {ascii(text[e.start])[1:-1]} at character "
+                         f"{e.start}") from None
+    return text
+
+
 # ---------------------------------------------------------------------------------------------------- requests
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
+_TEXT_PART = {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+              "required": ["type", "text"]}
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    """A chat message; as in OpenAI's API, only an assistant message may omit its content (it then counts as "")."""
+
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={
+        "if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+        "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}})
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: Union[str, list[Annotated[dict[str, Any], WithJsonSchema(_TEXT_PART)]], None] = None
     name: Optional[str] = None
 
     @field_validator("content")
@@ -80,6 +112,9 @@ class Message(BaseModel):
                 if kind != "text" or not isinstance(part.get("text"), str):
                     raise ValueError(f"content part {j} has type {kind!r}; only text parts "
                                      f'({{"type": "text", "text": "..."}}) are supported')
+                valid_unicode(part["text"], f"content part {j}")
+        elif isinstance(v, str):
+            valid_unicode(v, "content")
         return v
 
     def text(self) -> str:
@@ -131,6 +166,8 @@ class _Generation(BaseModel):
                 raise ValueError("stop strings must be non-empty")
         elif v == "":
             raise ValueError("stop strings must be non-empty")
+        for s in [v] if isinstance(v, str) else v or []:
+            valid_unicode(s, "stop string")
         return v
 
     # ----------------------------------------------------------------- checks
@@ -232,15 +269,21 @@ class ChatCompletionRequest(_Generation):
             raise APIError(400, f"response_format type {self.response_format.get('type')!r} is not supported; "
                                 "only 'text'", "response_format", "unsupported_parameter")
         for i, m in enumerate(self.messages):
-            if m.content is None:
+            if m.content is None and m.role != "assistant":
                 raise APIError(400, f"messages[{i}] ({m.role}) has no content", f"messages[{i}].content")
             for key in ("tool_calls", "function_call", "audio"):
                 if (m.model_extra or {}).get(key):
                     raise APIError(400, f"messages[{i}].{key} is not supported", f"messages[{i}].{key}",
                                    "unsupported_parameter")
 
-    def prompt_ids(self, tokenizer) -> list[int]:
-        """The chat template applied to the messages ("developer" is sent as "system"), as token ids."""
+    def prompt_ids(self, tokenizer, max_chars: int) -> list[int]:
+        """The chat template applied to the messages ("developer" is sent as "system"), as token ids.
+
+        Messages longer than `max_chars` characters in all are refused before the template runs."""
+        chars = sum(len(m.text()) for m in self.messages)
+        if chars > max_chars:
+            raise APIError(400, f"messages have {chars} characters; this model takes at most {max_chars}",
+                           "messages", "context_length_exceeded")
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
         try:
             text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -249,14 +292,29 @@ class ChatCompletionRequest(_Generation):
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+_TEXT = {"type": "string", "minLength": 1}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+
+
 class CompletionRequest(_Generation):
     """POST /v1/completions: raw prompt(s), for base models and completion clients."""
 
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    # the schema says what prompt_ids() checks: no empty prompt (the sampler needs one token), ids >= 0
+    prompt: Annotated[Union[str, list[str], list[int], list[list[int]]], WithJsonSchema({"anyOf": [
+        _TEXT, {"type": "array", "items": _TEXT, "minItems": 1}, _IDS,
+        {"type": "array", "items": _IDS, "minItems": 1}]})]
     echo: Optional[bool] = None
     suffix: Optional[str] = None
     best_of: Optional[int] = None
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, description="0 = no logprobs (the only value supported)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _valid_text(cls, v):
+        for i, one in enumerate([v] if isinstance(v, str) else v):
+            if isinstance(one, str):
+                valid_unicode(one, "prompt" if isinstance(v, str) else f"prompt[{i}]")
+        return v
 
     def refuse(self) -> None:
         super().refuse()
@@ -266,19 +324,25 @@ class CompletionRequest(_Generation):
             raise APIError(400, "suffix (insertion) is not supported", "suffix", "unsupported_parameter")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of is not supported (only best_of = n)", "best_of", "unsupported_parameter")
-        if self.logprobs is not None:
-            raise APIError(400, "logprobs is not supported", "logprobs", "unsupported_parameter")
+        if self.logprobs:
+            raise APIError(400, "logprobs is not supported; omit it or send 0", "logprobs", "unsupported_parameter")
 
-    def prompt_ids(self, tokenizer, vocab_size: int) -> list[list[int]]:
-        """Each prompt as token ids (strings are encoded with the tokenizer's special tokens, e.g. BOS)."""
+    def prompt_ids(self, tokenizer, vocab_size: int, max_chars: int) -> list[list[int]]:
+        """Each prompt as token ids (strings are encoded with the tokenizer's special tokens, e.g. BOS).
+
+        A string longer than `max_chars` characters is refused before it is tokenized."""
         p = self.prompt
         if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
             p = [p]
         if not p:
             raise APIError(400, "prompt is empty", "prompt")
+        wheres = ["prompt"] if len(p) == 1 else [f"prompt[{i}]" for i in range(len(p))]
+        for where, one in zip(wheres, p):
+            if isinstance(one, str) and len(one) > max_chars:
+                raise APIError(400, f"{where} has {len(one)} characters; this model takes at most {max_chars}",
+                               where, "context_length_exceeded")
         out = []
-        for i, one in enumerate(p):
-            where = "prompt" if len(p) == 1 else f"prompt[{i}]"
+        for where, one in zip(wheres, p):
             if isinstance(one, str):
                 ids = list(tokenizer(one)["input_ids"])
                 if not one or not ids:

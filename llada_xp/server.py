@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP server: app factory, endpoints, errors, API key, Prometheus metrics, `serve()`.
 
 The model loads in the lifespan hook on a background thread (/health answers 503 until it is ready); then the
-engine's worker thread owns it. Handlers validate (protocol.py), tokenize, submit rows to the engine and turn its
-events into OpenAI responses or SSE chunks: the event loop never waits on the model. Every error leaves as the
-OpenAI error object. Knows nothing about tensors beyond token ids, nor about how decoding works.
+engine's worker thread owns it. Cheap checks come first, before the body is read (API key, content type, room in
+the queue, body size); handlers validate (protocol.py), template and tokenize on a thread of their own, submit rows
+to the engine and turn its events into OpenAI responses or SSE chunks: the event loop never waits on the model or
+the tokenizer. Every error leaves as the OpenAI error object. Knows nothing about tensors beyond token ids, nor
+about how decoding works.
 """
 
 from __future__ import annotations
@@ -15,27 +17,32 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llada_xp.config import ServeConfig, ServerConfig
 from llada_xp.engine import Engine, Failed, Job, QueueFull
-from llada_xp.protocol import (APIError, ChatCompletionRequest, CompletionRequest, TextStream, error_body, new_id,
-                               now, param_name, usage)
+from llada_xp.protocol import (APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse, TextStream,
+                               error_body, new_id, now, param_name, usage)
 from llada_xp.sampler import Finished, Request as Row, Sampler, Tokens
 
 log = logging.getLogger(__name__)
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+GENERATE = ("/v1/chat/completions", "/v1/completions")
+MAX_BODY_BYTES = 4 * 2**20  # a bigger request body gets 413 unread (a max-length prompt is far smaller)
+CHARS_PER_TOKEN = 32  # a prompt over max_length × this many characters cannot fit: 400 before it is tokenized
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 _DISCONNECTED = object()
+INTERNAL = "internal server error (the details are in the server log)"
 
 
 class Metrics:
@@ -70,6 +77,7 @@ class _State:
         self.engine: Optional[Engine] = None
         self.error: Optional[str] = None
         self.metrics = Metrics(lambda: self.engine)
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="llada-xp-tokenize")
 
     def load(self) -> None:
         from llada_xp.loading import load_model
@@ -89,8 +97,21 @@ class _State:
                 self.on_load_error(e)
 
     def close(self) -> None:
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
             self.engine.stop()
+
+    async def off_loop(self, fn, *args):
+        """fn(*args) on the tokenizing thread (chat template, tokenizer): the event loop answers meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
+
+    @property
+    def max_chars(self) -> int:
+        return CHARS_PER_TOKEN * self.loaded.info.max_length
+
+    def card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "llada-xp",
+                "root": self.names[0], "max_model_len": self.loaded.info.max_length}
 
     @property
     def names(self) -> list[str]:
@@ -137,20 +158,87 @@ class _Gate:
             await send(message)
 
         try:
-            if path.startswith("/v1/") and self.state.api_key and not self._authorized(scope):
-                err = APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
-                               code="invalid_api_key")
-                await JSONResponse(err.body(), 401, {"WWW-Authenticate": "Bearer"})(scope, receive, counted_send)
+            err = self._refusal(scope)
+            if err is None and path in GENERATE and scope["method"] == "POST":
+                receive, err = await _bounded(scope, receive)
+            if err is not None:
+                await JSONResponse(err.body(), err.status, err.headers)(scope, receive, counted_send)
                 return
             await self.app(scope, receive, counted_send)
         finally:
             endpoint = path if path in ENDPOINTS else "other"
             self.state.metrics.requests.labels(endpoint, str(status[0])).inc()
 
+    def _refusal(self, scope) -> Optional[APIError]:
+        """The checks that need no body: API key on /v1/*; on the generation endpoints the content type, room
+        in the queue (a 429 costs no parsing or tokenizing; submit checks again) and the declared body size."""
+        path = scope["path"]
+        if path.startswith("/v1/") and self.state.api_key and not self._authorized(scope):
+            return APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
+                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if path not in GENERATE or scope["method"] != "POST":
+            return None
+        headers = dict(scope["headers"])
+        kind = headers.get(b"content-type", b"").decode("latin-1")
+        mime = kind.split(";")[0].strip().lower()
+        if mime != "application/json" and not (mime.startswith("application/") and mime.endswith("+json")):
+            return APIError(415, f"the body must be JSON sent with Content-Type: application/json, not "
+                                 f"{kind or 'without a Content-Type'} (curl: add -H 'Content-Type: application/json')",
+                            code="unsupported_media_type")
+        if self.state.engine is not None:
+            try:
+                self.state.engine.check_room()
+            except QueueFull as e:
+                return _busy(e)
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return _too_large()
+        return None
+
     def _authorized(self, scope) -> bool:
         auth = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, key = auth.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self.state.api_key.encode())
+
+
+def _busy(e: QueueFull) -> APIError:
+    return APIError(429, str(e), code="server_busy", headers={"Retry-After": str(e.retry_after)})
+
+
+def _too_large() -> APIError:
+    return APIError(413, f"the request body is larger than the server's limit of {MAX_BODY_BYTES} bytes "
+                         f"({MAX_BODY_BYTES / 2**20:g} MiB)", code="request_too_large")
+
+
+async def _bounded(scope, receive):
+    """(receive, None) for a body within MAX_BODY_BYTES, else (receive, 413 error). A body of declared length
+    was checked before (uvicorn holds it to that length); one without is read here, up to the limit, and replayed."""
+    if b"content-length" in dict(scope["headers"]):
+        return receive, None
+    messages, size = [], 0
+    while True:
+        m = await receive()
+        messages.append(m)
+        size += len(m.get("body", b""))
+        if size > MAX_BODY_BYTES:
+            return receive, _too_large()
+        if m["type"] != "http.request" or not m.get("more_body"):
+            break
+
+    async def replay():
+        return messages.pop(0) if messages else await receive()
+
+    return replay, None
+
+
+def _errors(*codes: int) -> dict:
+    """OpenAPI responses: these statuses, and any other (`default`, e.g. 500), answer the OpenAI error object."""
+    doc = {400: "Invalid request; `param` names the parameter", 401: "Missing or invalid API key",
+           404: "Unknown model", 413: f"Request body over {MAX_BODY_BYTES} bytes",
+           415: "Content-Type is not application/json", 429: "Queue full; retry after Retry-After seconds",
+           503: "The model is loading, or failed to load"}
+    return {**{c: {"model": ErrorResponse, "description": doc[c]} for c in codes},
+            "default": {"model": ErrorResponse, "description": "Any other error (500: internal, see the server log)"}}
 
 
 def create_app(cfg: ServeConfig, on_load_error: Optional[Callable[[Exception], None]] = None) -> FastAPI:
@@ -184,10 +272,14 @@ def create_app(cfg: ServeConfig, on_load_error: Optional[Callable[[Exception], N
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), 500)
+        log.exception("unhandled error on %s", request.url.path)  # the details go to the log, never to the client
+        return JSONResponse(error_body(500, INTERNAL), 500)
 
-    @app.get("/health")
+    generate_doc = {200: {"description": "The completion; with stream=true, server-sent events ending with "
+                                         "`data: [DONE]`", "content": {"text/event-stream": {}}},
+                    **_errors(400, 401, 404, 413, 415, 429, 503)}
+
+    @app.get("/health", responses={503: {"description": "The model is loading or failed to load (same fields)"}})
     async def health():
         ready = state.engine is not None
         info = state.loaded.info if ready else None
@@ -197,41 +289,46 @@ def create_app(cfg: ServeConfig, on_load_error: Optional[Callable[[Exception], N
             body["model"] = {"name": info.name, "aliases": state.names[1:], "source": info.source, "path": info.path,
                              "dtype": info.dtype, "parameters": info.parameters, "max_length": info.max_length}
             body["max_batch_size"] = state.engine.max_batch_size
+            body["threads"] = info.threads
         if state.error:
             body["error"] = state.error
         return JSONResponse(body, 200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(401, 503))
     async def models():
         st = state.ready()
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": st.created, "owned_by": "llada-xp", "root": st.names[0],
-             "max_model_len": st.loaded.info.max_length} for name in st.names]}
+        return {"object": "list", "data": [st.card(name) for name in st.names]}
 
-    @app.post("/v1/chat/completions")
+    @app.get("/v1/models/{model:path}", responses=_errors(401, 404, 503))
+    async def model(model: str):
+        st = state.ready()
+        return st.card(st.served_name(model))
+
+    @app.post("/v1/chat/completions", responses=generate_doc)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         t0 = time.perf_counter()
         st = state.ready()
         model = st.served_name(body.model)
         body.log_unknown("/v1/chat/completions")
         settings = body.settings(cfg.sampler)
-        prompt = body.prompt_ids(st.loaded.tokenizer)
+        prompt = await st.off_loop(body.prompt_ids, st.loaded.tokenizer, st.max_chars)
         st.check_length(len(prompt), settings[0].gen_length, "messages")
         rows = [Row(prompt, s) for s in settings]
         return await _respond(st, request, "chat", model, rows, len(prompt), body, t0)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=generate_doc)
     async def completions(body: CompletionRequest, request: Request):
         t0 = time.perf_counter()
         st = state.ready()
         model = st.served_name(body.model)
         body.log_unknown("/v1/completions")
         settings = body.settings(cfg.sampler)
-        prompts = body.prompt_ids(st.loaded.tokenizer, st.loaded.model.config.vocab_size)
+        prompts = await st.off_loop(body.prompt_ids, st.loaded.tokenizer, st.loaded.model.config.vocab_size,
+                                    st.max_chars)
         for i, p in enumerate(prompts):
             st.check_length(len(p), settings[0].gen_length, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
         rows = [Row(p, s) for p in prompts for s in settings]
@@ -275,7 +372,7 @@ async def _respond(st: _State, request: Request, kind: str, model: str, rows: li
     try:
         job = st.engine.submit(rows, tokens=bool(body.stream))
     except QueueFull as e:
-        raise APIError(429, str(e), code="server_busy", headers={"Retry-After": str(e.retry_after)}) from e
+        raise _busy(e) from e
     except ValueError as e:  # more rows than the queue can ever hold
         raise APIError(400, str(e), "n" if len(rows) == body.n else None) from e
     watcher = asyncio.create_task(_watch_disconnect(request, job))
@@ -308,6 +405,15 @@ class _Run:
         self.prompt_tokens, self.t0 = prompt_tokens, t0
         self.id, self.created = new_id("chatcmpl" if kind == "chat" else "cmpl"), now()
         self.object = "chat.completion" if kind == "chat" else "text_completion"
+        self.gone = False
+
+    def disconnected(self, rows: int) -> None:
+        """The client went away: count and log it (once), abort its rows."""
+        if not self.gone:
+            self.gone = True
+            log.info("%s: client disconnected; aborting %d rows", self.id, rows)
+            self.st.metrics.disconnects.inc()
+        self.job.cancel()
 
     async def events(self):
         """(choice, Tokens | Finished) until every row finished; Failed → APIError; disconnect → stops."""
@@ -315,15 +421,12 @@ class _Run:
         while left:
             i, ev = await self.job.events.get()
             if ev is _DISCONNECTED:
-                log.info("%s: client disconnected; aborting %d rows", self.id, left)
-                self.st.metrics.disconnects.inc()
-                self.job.cancel()
+                self.disconnected(left)
                 return
-            if isinstance(ev, Failed):
+            if isinstance(ev, Failed):  # the engine logged it
                 self.job.cancel()
                 bad = isinstance(ev.error, ValueError)
-                raise APIError(400 if bad else 500, str(ev.error) if bad else
-                               f"internal error: {type(ev.error).__name__}: {ev.error}")
+                raise APIError(400 if bad else 500, str(ev.error) if bad else INTERNAL)
             if isinstance(ev, Finished):
                 left -= 1
             yield i, ev
@@ -372,6 +475,7 @@ class _Run:
         decode = self.st.loaded.tokenizer.decode
         texts = [TextStream(decode, r.settings.stop) for r in self.rows]
         results = [None] * len(self.rows)
+        ended = False  # every row ended, or the stream carries an error (else the client left mid-stream)
         try:
             if self.kind == "chat":
                 for i in range(len(self.rows)):
@@ -383,7 +487,8 @@ class _Run:
                         yield self.chunk(i, delta)
                 elif isinstance(ev, Finished):
                     results[i] = ev.result
-                    if ev.result.finish_reason == "abort":
+                    if ev.result.finish_reason == "abort":  # the server is stopping
+                        ended = True
                         return
                     delta = texts[i].finish(ev.result.text)
                     if delta:
@@ -391,14 +496,18 @@ class _Run:
                     yield self.chunk(i, finish=ev.result.finish_reason)
             if any(r is None for r in results):
                 return  # disconnected
+            ended = True
             u = self.record(results)
             if include_usage:
                 yield _sse({"id": self.id, "object": self.object + ".chunk" if self.kind == "chat" else self.object,
                             "created": self.created, "model": self.model, "choices": [], "usage": u})
         except APIError as e:  # the stream has started: the error goes out as a data event
+            ended = True
             yield _sse(e.body())
-        finally:
+        finally:  # Starlette cancels this generator when the client disconnects: count that here
             watcher.cancel()
+            if not ended:
+                self.disconnected(sum(r is None for r in results))
             self.job.cancel()
         yield "data: [DONE]\n\n"
 

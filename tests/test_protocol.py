@@ -143,7 +143,7 @@ def test_text_parts_are_joined_and_developer_is_system():
         def __call__(self, text, add_special_tokens=True):
             return {"input_ids": [1, 2]}
 
-    assert r.prompt_ids(Tok()) == [1, 2]
+    assert r.prompt_ids(Tok(), max_chars=100) == [1, 2]
     assert seen["msgs"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"}]
 
 
@@ -152,7 +152,7 @@ def test_completion_prompt_forms():
         def __call__(self, text, add_special_tokens=True):
             return {"input_ids": [len(w) for w in text.split()]}
 
-    ids = lambda p: CompletionRequest.model_validate({"prompt": p}).prompt_ids(Tok(), vocab_size=100)  # noqa: E731
+    ids = lambda p: CompletionRequest.model_validate({"prompt": p}).prompt_ids(Tok(), 100, 100)  # noqa: E731
     assert ids("ab c") == [[2, 1]]
     assert ids(["a", "bb"]) == [[1], [2]]
     assert ids([5, 6]) == [[5, 6]]
@@ -212,3 +212,45 @@ def test_stream_concatenation_equals_the_final_text():
                                       (("body", "temperature"), "temperature"), (("body",), None)])
 def test_param_names_follow_openai_style(loc, name):
     assert param_name(loc) == name
+
+
+def test_lone_surrogates_are_refused_naming_the_field():
+    for payload, field in (({"messages": [{"role": "user", "content": "a\ud800"}]}, "content"),
+                           ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+                            "content"),
+                           ({"messages": MSG, "stop": ["ok", "\ud800"]}, "stop")):
+        with pytest.raises(ValidationError) as e:
+            ChatCompletionRequest.model_validate(payload)
+        err = e.value.errors()[0]
+        assert field in err["loc"] and "is not valid Unicode: lone surrogate \\ud" in err["msg"], err
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.model_validate({"prompt": ["fine", "x\ud800"]})
+    assert "prompt[1] is not valid Unicode" in e.value.errors()[0]["msg"]
+
+
+def test_assistant_message_may_omit_content_and_completion_logprobs_zero_is_no_logprobs():
+    r = ChatCompletionRequest.model_validate({"messages": [{"role": "assistant"}, *MSG]})
+    r.settings(SERVER)
+    assert r.messages[0].text() == ""
+    with pytest.raises(APIError) as e:
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user"}]}).settings(SERVER)
+    assert e.value.param == "messages[0].content"
+    CompletionRequest.model_validate({"prompt": "x", "logprobs": 0}).settings(SERVER)
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"prompt": "x", "logprobs": -1})
+
+
+def test_prompts_over_the_character_limit_are_refused_before_tokenizing():
+    class Tok:
+        def __call__(self, text, add_special_tokens=True):
+            raise AssertionError("tokenized")
+
+        apply_chat_template = __call__
+
+    with pytest.raises(APIError) as e:
+        chat(messages=[{"role": "user", "content": "ab"}, {"role": "user", "content": "cd"}]).prompt_ids(Tok(), 3)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "messages", "context_length_exceeded")
+    assert "at most 3" in e.value.message
+    with pytest.raises(APIError) as e:
+        CompletionRequest.model_validate({"prompt": ["ab", "abcd"]}).prompt_ids(Tok(), 100, 3)
+    assert e.value.param == "prompt[1]" and "at most 3" in e.value.message

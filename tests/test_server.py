@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import openai
@@ -162,6 +163,7 @@ def test_health_keeps_the_old_fields_and_adds_model_info(srv):
     assert h["status"] == "healthy" and h["model_loaded"] is True and h["device"] == "cpu"
     assert h["model"]["name"] == "tiny" and h["model"]["max_length"] == 256
     assert h["max_batch_size"] == 4  # the CPU default
+    assert h["threads"] == torch.get_num_threads() == 1  # auto: one thread for a model this small
 
 
 def test_max_batch_size_defaults_by_device_and_config_wins():
@@ -173,6 +175,16 @@ def test_max_batch_size_defaults_by_device_and_config_wins():
 
 def test_models_lists_the_name_and_aliases(srv):
     assert [m.id for m in srv.client().models.list().data] == ["tiny", "llada-8b-instruct"]
+
+
+def test_models_retrieve_answers_the_name_and_aliases(srv):
+    c = srv.client()
+    for name in ("tiny", "llada-8b-instruct"):
+        m = c.models.retrieve(name)
+        assert (m.id, m.object, m.model_extra["root"], m.model_extra["max_model_len"]) == (name, "model", "tiny", 256)
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("gpt-4")
+    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
 
 
 def test_chat_with_the_openai_client(srv):
@@ -349,6 +361,12 @@ BAD = [
     ("json mode", {"response_format": {"type": "json_object"}}, 400, "response_format"),
     ("unknown model", {"model": "gpt-4"}, 404, "model"),
     ("model not a string", {"model": 5}, 400, "model"),
+    ("user message without content", {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ("lone surrogate in content", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', 400,
+     "messages[0].content"),
+    ("lone surrogate in a text part", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": '
+     b'"\\udc00 x"}]}]}', 400, "messages[0].content"),
+    ("lone surrogate in stop", b'{"messages": [{"role": "user", "content": "x"}], "stop": "\\ud800"}', 400, "stop"),
 ]
 BAD_COMPLETIONS = [
     ("no prompt", {}, 400, "prompt"),
@@ -358,6 +376,9 @@ BAD_COMPLETIONS = [
     ("mixed prompt list", {"prompt": ["a", 1]}, 400, "prompt"),
     ("echo", {"prompt": "a", "echo": True}, 400, "echo"),
     ("completion logprobs", {"prompt": "a", "logprobs": 1}, 400, "logprobs"),
+    ("completion logprobs negative", {"prompt": "a", "logprobs": -1}, 400, "logprobs"),
+    ("lone surrogate in prompt", b'{"prompt": "the \\ud800 cat"}', 400, "prompt"),
+    ("lone surrogate in a prompt list", b'{"prompt": ["the cat", "\\udfff"]}', 400, "prompt"),
     ("suffix", {"prompt": "a", "suffix": "b"}, 400, "suffix"),
 ]
 
@@ -400,6 +421,45 @@ def test_docs_are_served(srv):
     assert "/v1/chat/completions" in srv.http.get("/openapi.json").json()["paths"]
 
 
+def test_openapi_document_declares_what_the_server_answers(srv):
+    doc = srv.http.get("/openapi.json").json()
+    paths, schemas = doc["paths"], doc["components"]["schemas"]
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        responses = paths[path]["post"]["responses"]
+        assert "422" not in responses and {"400", "401", "404", "413", "415", "429", "503"} <= set(responses)
+        assert responses["429"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+        assert "text/event-stream" in responses["200"]["content"]
+    assert set(schemas["ErrorInfo"]["properties"]) == {"message", "type", "param", "code"}
+    assert "404" in paths["/v1/models/{model}"]["get"]["responses"]
+    assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert srv.http.get("/metrics").headers["content-type"].startswith("text/plain")
+    # what the server refuses, the schema refuses: an empty prompt, content missing on a non-assistant message
+    assert all(m.get("minItems", m.get("minLength")) == 1 for m in
+               schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"])
+    assert schemas["Message"]["then"]["required"] == ["content"]
+
+
+def test_schema_valid_requests_are_accepted(srv):
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant"}, {"role": "assistant", "content": None},
+               {"role": "user", "content": "world"}]
+    assert chat(srv, messages=history, max_tokens=4)["choices"]
+    r = srv.http.post("/v1/completions", json={"prompt": "the cat", "logprobs": 0, "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None
+
+
+def test_a_body_not_sent_as_json_is_told_the_content_type(srv):
+    body = json.dumps({"messages": HI, "max_tokens": 4}).encode()
+    for headers, named in (({"content-type": "application/x-www-form-urlencoded"}, "x-www-form-urlencoded"),
+                           ({}, "without a Content-Type")):  # curl -d without -H; no header at all
+        r = srv.http.post("/v1/chat/completions", content=body, headers=headers)
+        err = r.json()["error"]
+        assert r.status_code == 415 and "Content-Type: application/json" in err["message"], r.text
+        assert named in err["message"]
+    r = srv.http.post("/v1/chat/completions", content=body,
+                      headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+
+
 # ------------------------------------------------------------------------------------------------ concurrency
 def test_concurrent_requests_equal_the_same_requests_alone(srv):
     prompts = ["hello", "the cat sat on the mat", "a b c", "world hello world"]
@@ -438,7 +498,9 @@ def wait_for(cond, timeout: float = 20.0, what: str = "condition"):
         time.sleep(0.002)
 
 
-def test_dropped_stream_frees_its_slot_and_spares_the_others(srv):
+def test_dropped_stream_frees_its_slot_and_spares_the_others(srv, caplog):
+    caplog.set_level("INFO", logger="llada_xp.server")
+    disconnects = srv.metric("llada_xp_disconnects_total")
     long = dict(max_tokens=200, steps=200, threshold=None, use_cache=False, temperature=0.5)
     other = dict(messages=[{"role": "user", "content": "the cat"}], seed=7, **long)  # alone: 187 tokens
     with ThreadPoolExecutor(2) as pool:
@@ -454,6 +516,8 @@ def test_dropped_stream_frees_its_slot_and_spares_the_others(srv):
                     break  # one real content delta, then drop the connection
         wait_for(lambda: srv.metric("llada_xp_running_batch_size") == 1, what="the dropped row to leave")
         assert not fut.done()
+        wait_for(lambda: srv.metric("llada_xp_disconnects_total") == disconnects + 1, what="the count")
+        assert "client disconnected; aborting 1 rows" in caplog.text
         together = fut.result()
         assert blocker.result()["choices"]
     assert together["choices"][0]["message"]["content"] == chat(srv, **other)["choices"][0]["message"]["content"]
@@ -480,6 +544,114 @@ def test_metrics_count_requests_tokens_and_latency(srv):
         srv.metric(name)
 
 
+# ------------------------------------------------------------------------------------------------ limits
+class Tokenizer:
+    """The served tokenizer behind a proxy: counts template and tokenizer calls; `slow` seconds each; `fail` raises."""
+
+    def __init__(self, srv: Live, slow: float = 0.0, fail: Optional[Exception] = None):
+        self.loaded, self.slow, self.fail, self.calls = srv.app.state.llada.loaded, slow, fail, 0
+        self.real = self.loaded.tokenizer
+
+    def __enter__(self):
+        self.loaded.tokenizer = self
+        return self
+
+    def __exit__(self, *exc):
+        self.loaded.tokenizer = self.real
+
+    def _called(self):
+        self.calls += 1
+        time.sleep(self.slow)
+        if self.fail is not None:
+            raise self.fail
+
+    def __call__(self, *a, **kw):
+        self._called()
+        return self.real(*a, **kw)
+
+    def apply_chat_template(self, *a, **kw):
+        self._called()
+        return self.real.apply_chat_template(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_prompt_over_the_character_limit_is_refused_before_tokenizing(srv):
+    limit = 256 * 32  # the tiny model's max_length × CHARS_PER_TOKEN
+    with Tokenizer(srv) as tok:
+        for path, body, param in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 5000},
+                                                                         {"role": "user", "content": "a" * 5000}]},
+                                   "messages"),
+                                  ("/v1/completions", {"prompt": ["hello", "a" * (limit + 1)]}, "prompt[1]")):
+            r = srv.http.post(path, json={**body, "max_tokens": 4})  # the tiny tokenizer: "aaa…" is one token
+            err = r.json()["error"]
+            assert (r.status_code, err["param"], err["code"]) == (400, param, "context_length_exceeded"), r.text
+            assert f"at most {limit}" in err["message"]
+        assert tok.calls == 0
+
+
+def test_internal_errors_do_not_reveal_internals(srv, caplog):
+    with Tokenizer(srv, fail=RuntimeError("secret path /home/x")):
+        r = srv.http.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 4})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "secret" not in r.text and "RuntimeError" not in r.text
+    assert "secret path /home/x" in caplog.text
+
+
+def test_huge_request_is_refused_at_once_while_health_stays_fast(e2e):
+    huge = json.dumps({"messages": [{"role": "user", "content": "hello " * 1_666_667}]}).encode()  # 10M chars
+    big = json.dumps({"messages": [{"role": "user", "content": "hello " * 200_000}]}).encode()  # 1.2 MB: < limit
+    times, done = [], threading.Event()
+
+    def poll():
+        with httpx.Client(base_url=e2e.url) as h:
+            while not done.is_set():
+                t = time.perf_counter()
+                assert h.get("/health").status_code == 200
+                times.append(time.perf_counter() - t)
+                time.sleep(0.01)
+
+    with ThreadPoolExecutor(1) as pool:
+        poller = pool.submit(poll)
+        time.sleep(0.1)
+        t = time.perf_counter()
+        r = e2e.http.post("/v1/chat/completions", content=huge, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "4 MiB" in r.json()["error"]["message"], r.text[:300]
+        chunked = e2e.http.post("/v1/chat/completions", content=iter([huge[i:i + 2**20] for i in
+                                                                     range(0, len(huge), 2**20)]),
+                                headers={"content-type": "application/json"})  # no Content-Length
+        assert chunked.status_code == 413
+        r = e2e.http.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
+        assert "characters" in r.json()["error"]["message"]
+        took = time.perf_counter() - t
+        done.set()
+        poller.result()
+    assert took < 5 and len(times) > 3 and max(times) < 0.1, (took, times)
+
+
+def test_full_queue_answers_429_without_parsing_or_tokenizing(tiny_folder):
+    s = Live(tiny_model(tiny_folder), max_batch_size=1, max_queue=1, batch_window_ms=0).wait_ready()
+    try:
+        slow = {"messages": HI, "max_tokens": 200, "steps": 200, "threshold": None, "use_cache": False}
+        with ThreadPoolExecutor(2) as pool:
+            jobs = [pool.submit(s.http.post, "/v1/chat/completions", json=slow)]
+            wait_for(lambda: s.engine.running == 1, what="the first request to run")
+            jobs.append(pool.submit(s.http.post, "/v1/chat/completions", json=slow))
+            wait_for(lambda: s.engine.waiting == 1, what="a waiting request")
+            with Tokenizer(s, slow=5.0) as tok:
+                t = time.perf_counter()
+                r = s.http.post("/v1/chat/completions", json=slow)
+                assert r.status_code == 429 and time.perf_counter() - t < 1 and tok.calls == 0
+                r = s.http.post("/v1/completions", content=b'{"prompt": [1, 2, ',
+                                headers={"content-type": "application/json"})
+                assert r.status_code == 429  # not even parsed
+            assert all(j.result().status_code == 200 for j in jobs)
+    finally:
+        s.stop()
+
+
 # ------------------------------------------------------------------------------------------------ server variants
 def test_full_queue_answers_429_with_retry_after(tiny_folder):
     s = Live(tiny_model(tiny_folder), max_batch_size=1, max_queue=2, batch_window_ms=0).wait_ready()
@@ -493,14 +665,14 @@ def test_full_queue_answers_429_with_retry_after(tiny_folder):
             assert s.metric("llada_xp_queue_depth") == 2
             r = s.http.post("/v1/chat/completions", json=slow)
             assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and r.json()["error"]["message"]
-            r = s.http.post("/v1/chat/completions", json={**slow, "n": 3})
-            assert r.status_code == 400 and r.json()["error"]["param"] == "n"
             assert all(j.result().status_code == 200 for j in jobs)
+        r = s.http.post("/v1/chat/completions", json={**slow, "n": 3})  # more rows than the queue ever holds
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     finally:
         s.stop()
 
 
-def test_error_after_the_stream_started_is_a_data_event_then_done(tiny_folder):
+def test_error_after_the_stream_started_is_a_data_event_then_done(tiny_folder, caplog):
     s = Live(tiny_model(tiny_folder)).wait_ready()
     real = s.engine.sampler.generate
 
@@ -517,9 +689,11 @@ def test_error_after_the_stream_started_is_a_data_event_then_done(tiny_folder):
         assert r.status_code == 200 and events[-1] == "[DONE]"
         assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
         err = json.loads(events[-2])["error"]
-        assert "device lost" in err["message"] and err["type"] == "server_error"
+        assert err["type"] == "server_error" and "server log" in err["message"]
+        assert "device lost" not in err["message"] and "RuntimeError" not in err["message"]  # internals: log only
         r = s.http.post("/v1/chat/completions", json={"messages": HI})
-        assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
+        assert r.status_code == 500 and r.json()["error"]["message"] == err["message"]
+        assert "device lost" in caplog.text
         s.engine.sampler.generate = real
         assert s.http.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 4}).status_code == 200
     finally:
