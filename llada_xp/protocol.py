@@ -276,12 +276,12 @@ class ChatCompletionRequest(_Generation):
                     raise APIError(400, f"messages[{i}].{key} is not supported", f"messages[{i}].{key}",
                                    "unsupported_parameter")
 
-    def prompt_ids(self, tokenizer, max_chars: int) -> list[int]:
+    def prompt_ids(self, tokenizer, max_chars: Optional[int] = None) -> list[int]:
         """The chat template applied to the messages ("developer" is sent as "system"), as token ids.
 
-        Messages longer than `max_chars` characters in all are refused before the template runs."""
+        Messages longer than `max_chars` characters in all (None = no limit) are refused before the template runs."""
         chars = sum(len(m.text()) for m in self.messages)
-        if chars > max_chars:
+        if max_chars is not None and chars > max_chars:
             raise APIError(400, f"messages have {chars} characters; this model takes at most {max_chars}",
                            "messages", "context_length_exceeded")
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
@@ -327,10 +327,10 @@ class CompletionRequest(_Generation):
         if self.logprobs:
             raise APIError(400, "logprobs is not supported; omit it or send 0", "logprobs", "unsupported_parameter")
 
-    def prompt_ids(self, tokenizer, vocab_size: int, max_chars: int) -> list[list[int]]:
+    def prompt_ids(self, tokenizer, vocab_size: int, max_chars: Optional[int] = None) -> list[list[int]]:
         """Each prompt as token ids (strings are encoded with the tokenizer's special tokens, e.g. BOS).
 
-        A string longer than `max_chars` characters is refused before it is tokenized."""
+        A string longer than `max_chars` characters (None = no limit) is refused before it is tokenized."""
         p = self.prompt
         if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
             p = [p]
@@ -338,7 +338,7 @@ class CompletionRequest(_Generation):
             raise APIError(400, "prompt is empty", "prompt")
         wheres = ["prompt"] if len(p) == 1 else [f"prompt[{i}]" for i in range(len(p))]
         for where, one in zip(wheres, p):
-            if isinstance(one, str) and len(one) > max_chars:
+            if isinstance(one, str) and max_chars is not None and len(one) > max_chars:
                 raise APIError(400, f"{where} has {len(one)} characters; this model takes at most {max_chars}",
                                where, "context_length_exceeded")
         out = []
