@@ -166,7 +166,7 @@ class _Gate:
                 return
             await self.app(scope, receive, counted_send)
         finally:
-            endpoint = path if path in ENDPOINTS else "other"
+            endpoint = path if path in ENDPOINTS else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
             self.state.metrics.requests.labels(endpoint, str(status[0])).inc()
 
     def _refusal(self, scope) -> Optional[APIError]:

@@ -185,6 +185,7 @@ def test_models_retrieve_answers_the_name_and_aliases(srv):
     with pytest.raises(openai.NotFoundError) as e:
         c.models.retrieve("gpt-4")
     assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
+    assert srv.metric('llada_xp_requests_total{endpoint="/v1/models/{id}",status="404"}') >= 1
 
 
 def test_chat_with_the_openai_client(srv):
