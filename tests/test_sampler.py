@@ -13,10 +13,7 @@ from tests import reference_sampler as ref
 from tests import tiny
 
 
-def ids_of(m) -> SpecialIds:
-    v = tiny.tokenizer().get_vocab()
-    return SpecialIds(mask=m.config.mask_token_id, eos=m.config.eos_token_id, eot=v["<|eot_id|>"],
-                      pad=m.config.pad_token_id)
+ids_of = tiny.ids_of
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers import PreTrainedTokenizerFast
 
 from llada_xp.model import LLaDAConfig, LLaDAModelLM
+from llada_xp.sampler import SpecialIds
 
 SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
             "<|mdm_mask|>"]
@@ -61,3 +62,9 @@ def write_hub_folder(path: Path, m: LLaDAModelLM, tok=None, shard_size: str = "2
                        "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"}
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return path
+
+
+def ids_of(m: LLaDAModelLM) -> SpecialIds:
+    """The sampler's special ids of a tiny model (EoT from the tiny tokenizer)."""
+    return SpecialIds(mask=m.config.mask_token_id, eos=m.config.eos_token_id,
+                      eot=tokenizer().get_vocab()["<|eot_id|>"], pad=m.config.pad_token_id)
