@@ -297,7 +297,7 @@ def bench_sampler(args) -> int:
         committed = sum(r.stats.committed for r in res) / len(res)
         rows.append((name, nfe, tokens / wall, committed / nfe, 1 - fwd / wall, wall))
     base_tps = rows[0][2]
-    print(f"| mode | NFE | tokens/s | tokens/forward | outside forwards | speed-up |")
+    print("| mode | NFE | tokens/s | tokens/forward | outside forwards | speed-up |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, nfe, tps, tpf, outside, wall in rows:
         print(f"| {name} | {nfe} | {tps:.1f} | {tpf:.2f} | {outside:.1%} | {tps / base_tps:.2f}x |")

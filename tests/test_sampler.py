@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llada_xp.config import SamplerConfig
-from llada_xp.sampler import (Finished, Request, Sampler, SpecialIds, Tokens, block_steps, factor_count, quota,
+from llada_xp.sampler import (Finished, Request, Sampler, Tokens, block_steps, factor_count, quota,
                               shared_key)
 from tests import reference_sampler as ref
 from tests import tiny
