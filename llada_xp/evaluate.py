@@ -50,6 +50,12 @@ class EvalError(RuntimeError):
 def evaluate(cfg: EvalConfig, **kw) -> float:
     """Run the evaluation (`run`) and return metrics.json's `cfg.metric` (what eval.py hands to a sweeper)."""
     metrics = run(cfg, **kw)
+    if cfg.task.name == "lm_eval" and cfg.metric == "accuracy" and "accuracy" not in metrics:
+        first = next((k for k, v in metrics.items() if "/" in k and "_stderr/" not in k), None)
+        if first is not None:  # the default metric: lm-eval's first metric of the first task
+            log.info("metric=accuracy is not an lm-eval metric; returning %s (choose with metric=TASK/METRIC/FILTER)",
+                     first)
+            return float(metrics[first])
     if cfg.metric not in metrics or not isinstance(metrics[cfg.metric], (int, float)):
         numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
         raise EvalError(f"metric={cfg.metric!r} is not a number in metrics.json; choose one of {numeric}")
@@ -69,7 +75,10 @@ def run(cfg: EvalConfig, overrides: Optional[dict[str, Any]] = None, name: Optio
         check(cfg)  # eval.py checked it already; callers of the Python API may not have
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        metrics = _run(cfg, tasks.load(cfg.task), out, logger)
+        if cfg.task.name == "lm_eval":
+            metrics = _run_lm_eval(cfg, out, logger)
+        else:
+            metrics = _run(cfg, tasks.load(cfg.task), out, logger)
     except BaseException as e:
         logger.finish(e)
         raise
@@ -126,6 +135,39 @@ def _run(cfg: EvalConfig, task: tasks.Task, out: Path, logger) -> dict:
     log.info("%s on %s: accuracy %.4f (%d/%d), %.1f tokens/s (%s torch threads), %.1f NFE/sample -> %s",
              loaded.info.name, task.name, metrics["accuracy"], metrics["correct"], metrics["n"],
              metrics["tokens_per_s"], metrics["threads"], metrics["nfe_mean"], out)
+    return metrics
+
+
+def _run_lm_eval(cfg: EvalConfig, out: Path, logger) -> dict:
+    """task=lm_eval: lm-eval's tasks through our model (lm_eval_adapter.py); every metric lm-eval reports, the speed
+    of the generation requests, one samples.jsonl line per (sample, filter). No resume: a rerun starts over."""
+    from llada_xp import lm_eval_adapter
+
+    loaded = load_model(cfg.model)
+    fp = fingerprint(loaded.info)
+    logger.update_config(fingerprint=fp)
+    key = config_key(cfg)
+    path = out / SAMPLES
+    if path.exists():
+        log.info("task=lm_eval does not resume: %s is rewritten from the start", path)
+    bar = tqdm(desc=f"eval lm_eval {','.join(cfg.task.tasks)}", unit="generation", disable=not cfg.progress)
+    with bar:
+        results, records, lm = lm_eval_adapter.run_tasks(cfg, loaded, progress=bar.update)
+    with open(path.with_suffix(".tmp"), "w") as f:
+        for r in records:
+            f.write(json.dumps(dict(r, key=key), default=str) + "\n")
+    path.with_suffix(".tmp").replace(path)
+    metrics = dict(results)
+    metrics.update(n=len({(r["task"], r["index"]) for r in records}), generation_requests=len(lm.records))
+    if lm.records:
+        metrics.update(speed(lm.records))
+    metrics.update(complete=True, expected=metrics["n"], resumed=0, task="lm_eval:" + ",".join(cfg.task.tasks),
+                   model=loaded.info.name, shard=dict(index=0, num_shards=1), key=key, wandb=logger.info(),
+                   fingerprint=fp, config=dataclasses.asdict(cfg))
+    write_json(out / METRICS, metrics)
+    logger.log(metrics, records)
+    log.info("%s on %s: %s -> %s", loaded.info.name, metrics["task"],
+             ", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float) and "_stderr/" not in k), out)
     return metrics
 
 
@@ -208,18 +250,24 @@ def _resume(path: Path, key: str, mine: set[int]) -> dict[int, dict]:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Metrics of a list of sample records (the same function for runs, resumes and merges).
+    """Metrics of a list of sample records (the same function for runs, resumes and merges): accuracy and `speed`."""
+    n = len(records)
+    if n == 0:
+        raise EvalError("no samples to summarize (empty task or shard?)")
+    correct = sum(r["correct"] for r in records)
+    return dict(n=n, correct=correct, accuracy=correct / n, **speed(records))
+
+
+def speed(records: list[dict]) -> dict:
+    """Speed figures of generation records (nfe, tokens, committed, latency_s, batch, finish_reason, threads).
 
     tokens/s counts answer tokens over the time the sampler spent: per batch, its slowest sample's latency. threads:
     the torch CPU threads the samples ran with — a list of the counts when they differ (resumed or merged runs), as
     the speed figures then mix them (None: samples written before threads were recorded)."""
     n = len(records)
-    if n == 0:
-        raise EvalError("no samples to summarize (empty task or shard?)")
     threads = sorted({r.get("threads") for r in records}, key=str)
     if len(threads) > 1:
         log.warning("the samples ran with different torch thread counts %s: tokens/s and latencies mix them", threads)
-    correct = sum(r["correct"] for r in records)
     nfe = [r["nfe"] for r in records]
     batch_time: dict[str, float] = {}
     batch_forwards: dict[str, int] = {}
@@ -230,7 +278,6 @@ def summarize(records: list[dict]) -> dict:
     tokens = sum(r["tokens"] for r in records)
     lat = np.array([r["latency_s"] for r in records])
     return dict(
-        n=n, correct=correct, accuracy=correct / n,
         tokens_per_s=tokens / seconds if seconds > 0 else 0.0, generated_tokens=tokens, answer_tokens_mean=tokens / n,
         seconds=seconds, nfe_mean=sum(nfe) / n, nfe_total=sum(nfe), model_forwards=sum(batch_forwards.values()),
         tokens_per_forward_mean=sum(r["committed"] / r["nfe"] for r in records if r["nfe"]) / n,
@@ -325,7 +372,10 @@ class _WandbLogger:
         logged: dict[str, Any] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.cfg.log_samples:
             cols = ["index", "prompt", "output", "reference", "correct", "nfe"]
-            logged["samples"] = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in records])
+            if records and "task" in records[0]:  # task=lm_eval's records
+                cols = ["task", "index", "filter", "prompt", "output", "target", "metrics"]
+            cell = (lambda v: v if v is None or isinstance(v, (str, int, float)) else json.dumps(v, default=str))
+            logged["samples"] = wandb.Table(columns=cols, data=[[cell(r.get(c)) for c in cols] for r in records])
         self.run.log(logged)  # also sets the summary of these keys
         self.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, str)})
 
