@@ -151,6 +151,7 @@ class LladaLM(LM):
                     out[i] = self._text(res)
                     st = res.stats
                     self.records.append(dict(request=i, task=requests[i].task_name, doc_id=requests[i].doc_id,
+                                             token_ids=res.tokens,
                                              nfe=st.nfe, tokens=len(res.tokens), committed=st.committed,
                                              finish_reason=res.finish_reason, latency_s=st.wall_s,
                                              forward_s=st.forward_s, batch=batch_id, threads=self.threads))
