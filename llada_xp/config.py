@@ -279,6 +279,11 @@ class TaskConfig:
     mc_num: int = 128
     mc_batch_size: int = 8
     cfg_scale: float = 0.0
+    # Seed of every (prompt, answer) pair's generator: candidate answers share their masks (common random numbers)
+    mc_seed: int = 0
+    # Answer lm-eval's "is the continuation the greedy decode" (one decode per request); False = always False, as
+    # LLaDA's eval does unless is_check_greedy (no metric of the paper needs it)
+    check_greedy: bool = False
 
     def check(self) -> None:
         _at_least("limit", self.limit, 1, optional=True)
@@ -302,7 +307,8 @@ class TaskConfig:
 
 # TaskConfig fields only task=lm_eval uses (another task refuses them rather than ignore them)
 LM_EVAL_FIELDS = ("tasks", "apply_chat_template", "fewshot_as_multiturn", "system_instruction", "gen_kwargs",
-                  "include_path", "confirm_run_unsafe_code", "mc_num", "mc_batch_size", "cfg_scale")
+                  "include_path", "confirm_run_unsafe_code", "mc_num", "mc_batch_size", "cfg_scale", "mc_seed",
+                  "check_greedy")
 
 
 @dataclass

@@ -161,6 +161,8 @@ def _run_lm_eval(cfg: EvalConfig, out: Path, logger) -> dict:
     metrics.update(n=len({(r["task"], r["index"]) for r in records}), generation_requests=len(lm.records))
     if lm.records:
         metrics.update(speed(lm.records))
+    if lm.likelihood["loglikelihood_requests"]:
+        metrics.update(lm.likelihood)
     metrics.update(complete=True, expected=metrics["n"], resumed=0, task="lm_eval:" + ",".join(cfg.task.tasks),
                    model=loaded.info.name, shard=dict(index=0, num_shards=1), key=key, wandb=logger.info(),
                    fingerprint=fp, config=dataclasses.asdict(cfg))

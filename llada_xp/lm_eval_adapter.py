@@ -1,7 +1,8 @@
 """The lm-evaluation-harness adapter: our loaded model as an lm-eval `LM`, and `run_tasks` behind `task=lm_eval`.
 
 `generate_until` turns lm-eval requests into sampler Requests (batched through `Sampler.generate`, never a second
-decoding loop); `loglikelihood` goes to the Monte-Carlo ELBO of `likelihood.py`. The only module that imports
+decoding loop); `loglikelihood` goes to the Monte-Carlo ELBO of `likelihood.py` (task.mc_num,
+mc_batch_size, cfg_scale, mc_seed); `loglikelihood_rolling` (perplexity tasks) is refused, naming the task. The only module that imports
 `lm_eval`. Knows nothing about Hydra, W&B or output files (evaluate.py writes and logs what `run_tasks` returns).
 
 Generation kwargs of a request (the task's `generation_kwargs`, overridden by task.gen_kwargs) map to SamplerConfig:
@@ -93,12 +94,15 @@ class LladaLM(LM):
     sampler's stats: nfe, tokens, committed, latency, batch) for the speed figures evaluate.py reports."""
 
     def __init__(self, model, tokenizer, ids: SpecialIds, sampler: SamplerConfig, batch_size: int = 16,
-                 elbo: Any = None, threads: Optional[int] = None, progress: Optional[Callable[[int], None]] = None):
+                 elbo: Any = None, threads: Optional[int] = None, progress: Optional[Callable[[int], None]] = None,
+                 check_greedy: bool = False):
         super().__init__()
         self.model, self.tokenizer, self.ids = model, tokenizer, ids
         self.sampler_cfg, self.batch_size, self.elbo, self.threads = sampler, batch_size, elbo, threads
+        self.check_greedy = check_greedy
         self.sampler = Sampler(model, ids, decode=tokenizer.decode)
-        self.records: list[dict] = []
+        self.records: list[dict] = []  # one per generation request
+        self.likelihood = dict(loglikelihood_requests=0, loglikelihood_s=0.0, loglikelihood_forwards=0)
         self.progress = progress or (lambda n: None)
 
     # ------------------------------------------------------------------ tokens
@@ -165,9 +169,36 @@ class LladaLM(LM):
         return text
 
     # ------------------------------------------------------------------ likelihood
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's rule (reference/likelihood.md): the context's trailing whitespace moves to the continuation;
+        the continuation's ids are those of the whole string after the context's ids."""
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        whole, ctx = self.encode(context + continuation), self.encode(context)
+        return ctx, whole[len(ctx):]
+
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        raise LmEvalError(f"task {requests[0].task_name if requests else '?'} needs loglikelihood, which is not "
-                          f"wired yet (llada_xp/likelihood.py)")
+        """The Monte-Carlo ELBO of each (context, continuation) (likelihood.py, seeded: reproducible), and whether
+        the continuation is the greedy decode — False unless check_greedy (as LLaDA's is_check_greedy; no metric of
+        the paper needs it)."""
+        from llada_xp.likelihood import ELBO, is_greedy, log_likelihood
+
+        settings = self.elbo if self.elbo is not None else ELBO()
+        started, out = time.perf_counter(), []
+        for r in requests:
+            prompt, answer = self.encode_pair(*r.args[:2])
+            if not answer:
+                raise LmEvalError(f"task {r.task_name}: an empty continuation after {r.args[0][-40:]!r}")
+            ll = log_likelihood(self.model, self.ids, prompt, answer, settings)
+            greedy = bool(self.check_greedy and is_greedy(self.model, self.ids, prompt, answer, settings.cfg_scale))
+            out.append((ll, greedy))
+            self.progress(1)
+        self.likelihood = dict(loglikelihood_requests=self.likelihood["loglikelihood_requests"] + len(requests),
+                               loglikelihood_s=self.likelihood["loglikelihood_s"] + time.perf_counter() - started,
+                               loglikelihood_forwards=self.likelihood["loglikelihood_forwards"]
+                               + len(requests) * settings.mc_num // settings.batch_size)
+        return out
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         name = requests[0].task_name if requests else "?"
@@ -183,9 +214,12 @@ def run_tasks(cfg: EvalConfig, loaded, progress: Optional[Callable[[int], None]]
     plus `lm_eval` (lm-eval's versions, n-shot and sample counts per task)."""
     import lm_eval
 
+    from llada_xp.likelihood import ELBO
+
     t = cfg.task
-    lm = LladaLM(loaded.model, loaded.tokenizer, loaded.info.ids, cfg.sampler, cfg.batch_size,
-                 elbo=None, threads=loaded.info.threads, progress=progress)
+    elbo = ELBO(mc_num=t.mc_num, batch_size=t.mc_batch_size, cfg_scale=t.cfg_scale, seed=t.mc_seed)
+    lm = LladaLM(loaded.model, loaded.tokenizer, loaded.info.ids, cfg.sampler, cfg.batch_size, elbo=elbo,
+                 threads=loaded.info.threads, progress=progress, check_greedy=t.check_greedy)
     manager = _task_manager(t.include_path, t.tasks)
     started = time.perf_counter()
     try:

@@ -107,6 +107,35 @@ def test_loglikelihood_rolling_is_refused_naming_the_task(demo):
         lm.loglikelihood_rolling([req])
 
 
+def test_the_context_trailing_whitespace_moves_to_the_continuation(demo):
+    lm = LladaLM(demo.model, demo.tokenizer, demo.info.ids, SamplerConfig())
+    ctx, cont = lm.encode_pair("Add: 19 + 1 ", "= 20")
+    assert ctx == lm.encode("Add: 19 + 1") and ctx + cont == lm.encode("Add: 19 + 1 = 20")
+    chat_ctx = chat(demo.tokenizer, "Add: 19 + 1")  # ends with "\n\n": scored as part of the answer
+    ctx, cont = lm.encode_pair(chat_ctx, "19 + 1 = 20")
+    assert ctx + cont == lm.encode(chat_ctx + "19 + 1 = 20") and ctx == lm.encode(chat_ctx.rstrip())
+
+
+def test_loglikelihood_is_the_elbo_of_the_encoded_pair(demo):
+    from llada_xp.likelihood import ELBO, is_greedy, log_likelihood
+
+    elbo = ELBO(mc_num=8, batch_size=4, seed=3)
+    lm = LladaLM(demo.model, demo.tokenizer, demo.info.ids, SamplerConfig(), elbo=elbo, check_greedy=True)
+    q = QUESTIONS[1]
+    ctx = chat(demo.tokenizer, q["prompt"])
+    reqs = [Instance("loglikelihood", {}, (ctx, c + "<|eot_id|>"), i, ("demo_mc", 1, 1)) for i, c in enumerate(q["choices"])]
+    got = lm.loglikelihood(reqs)
+    for (ll, greedy), r in zip(got, reqs):
+        prompt, answer = lm.encode_pair(*r.args)
+        assert ll == log_likelihood(demo.model, demo.info.ids, prompt, answer, elbo)
+        assert greedy == is_greedy(demo.model, demo.info.ids, prompt, answer)
+    assert max(range(4), key=lambda i: got[i][0]) == q["label"]
+    assert lm.likelihood == dict(loglikelihood_requests=4, loglikelihood_s=lm.likelihood["loglikelihood_s"],
+                                 loglikelihood_forwards=8)
+    lm.check_greedy = False
+    assert [g for _, g in lm.loglikelihood(reqs)] == [False] * 4
+
+
 # --------------------------------------------------------------------------------------------------- config
 def test_lm_eval_options_are_refused_by_other_tasks():
     with pytest.raises(ConfigError, match="task.tasks is an option of task=lm_eval"):
@@ -156,6 +185,20 @@ def test_generate_until_task_through_eval_py(tmp_path):
     assert run["exit"] == 0
     assert run["history"]["demo_gen/exact_match/whole"] == m["demo_gen/exact_match/whole"]
     assert run["history"]["tokens_per_s"] == m["tokens_per_s"]
+
+
+@pytest.mark.slow
+def test_multiple_choice_task_ranks_the_right_answer_by_elbo_through_eval_py(tmp_path):
+    out = tmp_path / "out"
+    eval_py([*LM_EVAL_ARGS, "task.tasks=[demo_mc]", "task.mc_num=8", "task.mc_batch_size=8",
+             "metric=demo_mc/acc/none", f"output_dir={out}"], tmp_path)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n"] == 100 and m["demo_mc/acc/none"] >= 0.9 and "demo_mc/acc_stderr/none" in m
+    assert m["loglikelihood_requests"] == 400 and m["loglikelihood_forwards"] == 400
+    assert "generation_requests" in m and m["generation_requests"] == 0 and "tokens_per_s" not in m
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 100 and all(len(s["output"]) == 4 for s in samples)
+    assert [s["target"] for s in sorted(samples, key=lambda s: s["index"])] == [q["label"] for q in QUESTIONS]
 
 
 @pytest.mark.slow
