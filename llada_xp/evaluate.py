@@ -50,12 +50,6 @@ class EvalError(RuntimeError):
 def evaluate(cfg: EvalConfig, **kw) -> float:
     """Run the evaluation (`run`) and return metrics.json's `cfg.metric` (what eval.py hands to a sweeper)."""
     metrics = run(cfg, **kw)
-    if cfg.task.name == "lm_eval" and cfg.metric == "accuracy" and "accuracy" not in metrics:
-        first = next((k for k, v in metrics.items() if "/" in k and "_stderr/" not in k), None)
-        if first is not None:  # the default metric: lm-eval's first metric of the first task
-            log.info("metric=accuracy is not an lm-eval metric; returning %s (choose with metric=TASK/METRIC/FILTER)",
-                     first)
-            return float(metrics[first])
     if cfg.metric not in metrics or not isinstance(metrics[cfg.metric], (int, float)):
         numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
         raise EvalError(f"metric={cfg.metric!r} is not a number in metrics.json; choose one of {numeric}")
@@ -157,7 +151,9 @@ def _run_lm_eval(cfg: EvalConfig, out: Path, logger) -> dict:
         for r in records:
             f.write(json.dumps(dict(r, key=key), default=str) + "\n")
     path.with_suffix(".tmp").replace(path)
-    metrics = dict(results)
+    primary = next((k for k in results if "/" in k and "_stderr/" not in k), None)
+    # accuracy (what sweeps, reports and plots read): lm-eval's first metric of the first task, named beside it
+    metrics = dict(results, accuracy=results.get(primary), accuracy_metric=primary)
     metrics.update(n=len({(r["task"], r["index"]) for r in records}), generation_requests=len(lm.records))
     if lm.records:
         metrics.update(speed(lm.records))

@@ -174,6 +174,7 @@ def test_generate_until_task_through_eval_py(tmp_path):
         assert m[f"demo_gen/exact_match/{filt}"] >= 0.9
         assert f"demo_gen/exact_match_stderr/{filt}" in m
     assert m["n"] == 24 and m["generation_requests"] == 24 and m["complete"]
+    assert m["accuracy_metric"] == "demo_gen/exact_match/whole" and m["accuracy"] == m["demo_gen/exact_match/whole"]
     assert m["tokens_per_s"] > 0 and m["nfe_mean"] >= 1 and m["tokens_per_forward_total"] > 0
     assert m["lm_eval"]["n_samples"]["demo_gen"]["effective"] == 24
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
