@@ -36,6 +36,7 @@ from llada_xp.sampler import Finished, Request, Sampler
 log = logging.getLogger(__name__)
 
 SAMPLES, METRICS = "samples.jsonl", "metrics.json"
+LM_EVAL_CACHE = "lm_eval_cache_"  # task=lm_eval: lm-eval's request cache, + the config key (+ "_rank0.db")
 # Sample fields that differ between identical runs (everything else is reproducible)
 TIMING_FIELDS = ("latency_s", "forward_s", "batch")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -134,7 +135,8 @@ def _run(cfg: EvalConfig, task: tasks.Task, out: Path, logger) -> dict:
 
 def _run_lm_eval(cfg: EvalConfig, out: Path, logger) -> dict:
     """task=lm_eval: lm-eval's tasks through our model (lm_eval_adapter.py); every metric lm-eval reports, the speed
-    of the generation requests, one samples.jsonl line per (sample, filter). No resume: a rerun starts over."""
+    of the generation requests, one samples.jsonl line per (sample, filter). Resume: lm-eval's request cache in the
+    output dir, named by the config key (a rerun answers the requests it holds; resume=false deletes it)."""
     from llada_xp import lm_eval_adapter
 
     loaded = load_model(cfg.model)
@@ -142,11 +144,25 @@ def _run_lm_eval(cfg: EvalConfig, out: Path, logger) -> dict:
     logger.update_config(fingerprint=fp)
     key = config_key(cfg)
     path = out / SAMPLES
-    if path.exists():
-        log.info("task=lm_eval does not resume: %s is rewritten from the start", path)
+    cache = out / f"{LM_EVAL_CACHE}{key}"
+    db = Path(f"{cache}_rank0.db")  # the name lm-eval gives it
+    if not cfg.resume:
+        for old in out.glob(f"{LM_EVAL_CACHE}*"):
+            old.unlink()
+    others = [p.name for p in out.glob(f"{LM_EVAL_CACHE}*.db") if p != db]
+    if others:
+        raise EvalError(f"{out} holds the lm-eval request cache of another configuration ({others[0]}; model, sampler "
+                        f"or task changed); use a new output dir or resume=false to start over")
+    resumed = 0
+    if db.exists():
+        from sqlitedict import SqliteDict
+
+        with SqliteDict(str(db), flag="r") as d:
+            resumed = len(d)
+        log.info("resuming from %s: %d lm-eval requests already answered", db, resumed)
     bar = tqdm(desc=f"eval lm_eval {','.join(cfg.task.tasks)}", unit="generation", disable=not cfg.progress)
     with bar:
-        results, records, lm = lm_eval_adapter.run_tasks(cfg, loaded, progress=bar.update)
+        results, records, lm = lm_eval_adapter.run_tasks(cfg, loaded, progress=bar.update, cache=str(cache))
     with open(path.with_suffix(".tmp"), "w") as f:
         for r in records:
             f.write(json.dumps(dict(r, key=key), default=str) + "\n")
@@ -159,7 +175,7 @@ def _run_lm_eval(cfg: EvalConfig, out: Path, logger) -> dict:
         metrics.update(speed(lm.records))
     if lm.likelihood["loglikelihood_requests"]:
         metrics.update(lm.likelihood)
-    metrics.update(complete=True, expected=metrics["n"], resumed=0, task="lm_eval:" + ",".join(cfg.task.tasks),
+    metrics.update(complete=True, expected=metrics["n"], resumed=resumed, task="lm_eval:" + ",".join(cfg.task.tasks),
                    model=loaded.info.name, shard=dict(index=0, num_shards=1), key=key, wandb=logger.info(),
                    fingerprint=fp, config=dataclasses.asdict(cfg))
     write_json(out / METRICS, metrics)

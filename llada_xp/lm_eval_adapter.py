@@ -153,6 +153,7 @@ class LladaLM(LM):
                 results = self.sampler.generate([Request(prompts[i], settings[i]) for i in batch])
                 for i, res in zip(batch, results):
                     out[i] = self._text(res)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, out[i])  # resume: kept at once
                     st = res.stats
                     self.records.append(dict(request=i, task=requests[i].task_name, doc_id=requests[i].doc_id,
                                              token_ids=res.tokens,
@@ -193,6 +194,7 @@ class LladaLM(LM):
             ll = log_likelihood(self.model, self.ids, prompt, answer, settings)
             greedy = bool(self.check_greedy and is_greedy(self.model, self.ids, prompt, answer, settings.cfg_scale))
             out.append((ll, greedy))
+            self.cache_hook.add_partial("loglikelihood", r.args, (ll, greedy))
             self.progress(1)
         self.likelihood = dict(loglikelihood_requests=self.likelihood["loglikelihood_requests"] + len(requests),
                                loglikelihood_s=self.likelihood["loglikelihood_s"] + time.perf_counter() - started,
@@ -207,8 +209,13 @@ class LladaLM(LM):
 
 
 # --------------------------------------------------------------------------------------------------- tasks
-def run_tasks(cfg: EvalConfig, loaded, progress: Optional[Callable[[int], None]] = None) -> tuple[dict, list[dict], LladaLM]:
+def run_tasks(cfg: EvalConfig, loaded, progress: Optional[Callable[[int], None]] = None,
+              cache: Optional[str] = None) -> tuple[dict, list[dict], LladaLM]:
     """Evaluate cfg.task.tasks with lm-eval through our model. Returns (metrics, sample records, the LM).
+
+    cache: lm-eval's request cache (an SQLite file per path, `_rank0.db` appended): every answered request is stored
+    the moment it is answered, and a rerun answers from it — how task=lm_eval resumes. lm-eval never caches
+    requests with do_sample=true; those run again.
 
     metrics: every number lm-eval reports, keyed `TASK/METRIC/FILTER` (stderr as `TASK/METRIC_stderr/FILTER`),
     plus `lm_eval` (lm-eval's versions, n-shot and sample counts per task)."""
@@ -227,7 +234,8 @@ def run_tasks(cfg: EvalConfig, loaded, progress: Optional[Callable[[int], None]]
             model=lm, tasks=list(t.tasks), num_fewshot=t.num_fewshot, limit=t.limit, task_manager=manager,
             apply_chat_template=t.apply_chat_template, fewshot_as_multiturn=t.fewshot_as_multiturn,
             system_instruction=t.system_instruction, gen_kwargs=dict(t.gen_kwargs) or None,
-            confirm_run_unsafe_code=t.confirm_run_unsafe_code, log_samples=True, bootstrap_iters=1000)
+            confirm_run_unsafe_code=t.confirm_run_unsafe_code, log_samples=True, bootstrap_iters=1000,
+            use_cache=cache)
     except ConnectionError as e:  # HF_DATASETS_OFFLINE=1 and a dataset not cached
         raise LmEvalError(f"lm-eval tasks {list(t.tasks)}: a dataset is not available offline ({e}); "
                           f"run once with network access to cache it, or unset HF_DATASETS_OFFLINE") from None

@@ -189,6 +189,23 @@ def test_generate_until_task_through_eval_py(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_rerun_resumes_from_the_request_cache(tmp_path):
+    out = tmp_path / "out"
+    args = [*LM_EVAL_ARGS, "task.tasks=[demo_gen,demo_mc]", "task.limit=4", "task.mc_num=8", f"output_dir={out}"]
+    eval_py(args, tmp_path)
+    first = json.loads((out / "metrics.json").read_text())
+    assert first["resumed"] == 0 and first["generation_requests"] == 4 and first["loglikelihood_requests"] == 16
+    eval_py(args, tmp_path)
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["resumed"] == 20 and again["generation_requests"] == 0 and "loglikelihood_requests" not in again
+    assert {k: v for k, v in again.items() if "/" in k} == {k: v for k, v in first.items() if "/" in k}
+    p = eval_py([*args, "sampler.threshold=0.5"], tmp_path, check=False)
+    assert p.returncode == 1 and "request cache of another configuration" in p.stdout + p.stderr
+    eval_py([*args, "sampler.threshold=0.5", "resume=false"], tmp_path)
+    assert json.loads((out / "metrics.json").read_text())["resumed"] == 0
+
+
+@pytest.mark.slow
 def test_multiple_choice_task_ranks_the_right_answer_by_elbo_through_eval_py(tmp_path):
     out = tmp_path / "out"
     eval_py([*LM_EVAL_ARGS, "task.tasks=[demo_mc]", "task.mc_num=8", "task.mc_batch_size=8",
