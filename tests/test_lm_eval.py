@@ -189,6 +189,26 @@ def test_generate_until_task_through_eval_py(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_multirun_reports_every_filter_as_a_column(tmp_path):
+    import csv
+
+    sweep = tmp_path / "sweep"
+    eval_py(["-m", *LM_EVAL_ARGS, "task.tasks=[demo_gen]", "task.limit=8", "logger=wandb",
+             "sampler.threshold=0.5,0.9", f"hydra.sweep.dir={sweep}"], tmp_path)
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    assert [r["sampler.threshold"] for r in rows] == ["0.5", "0.9"]
+    for r in rows:
+        assert float(r["demo_gen/exact_match/whole"]) == float(r["accuracy"]) >= 0.5
+        assert r["demo_gen/exact_match/lowercase"] and float(r["tokens_per_s"]) > 0
+    assert "demo_gen/exact_match/lowercase" in (sweep / "report.md").read_text()
+    runs = wandb_runs(tmp_path)
+    assert sorted(r["job_type"] for r in runs) == ["eval", "eval", "report"] and all(r["exit"] == 0 for r in runs)
+    (rep,) = [r for r in runs if r["job_type"] == "report"]
+    (table,) = rep["dir"].glob("files/media/table/sweep_*.table.json")
+    assert "demo_gen/exact_match/lowercase" in json.loads(table.read_text())["columns"]
+
+
+@pytest.mark.slow
 def test_a_rerun_resumes_from_the_request_cache(tmp_path):
     out = tmp_path / "out"
     args = [*LM_EVAL_ARGS, "task.tasks=[demo_gen,demo_mc]", "task.limit=4", "task.mc_num=8", f"output_dir={out}"]
