@@ -224,7 +224,8 @@ class ConvertConfig:
 class TaskConfig:
     """What to evaluate on (tasks.py): the examples, how prompts are built and how outputs are scored."""
 
-    # demo (the demo model's held-out set) | gsm8k | jsonl (one {prompt, answer} object per line)
+    # demo (the demo model's held-out set) | gsm8k | jsonl (one {prompt, answer} object per line) | lm_eval (any
+    # lm-evaluation-harness task: the fields under "lm_eval" below)
     name: str = MISSING
     # gsm8k: a Hub dataset id, a local dataset folder, or a .jsonl/.json/.parquet file holding `split`;
     # jsonl: the file. demo: unused
@@ -233,13 +234,15 @@ class TaskConfig:
     subset: Optional[str] = None
     # gsm8k: the split evaluated
     split: str = "test"
-    # gsm8k: k-shot examples, drawn once (fewshot_seed) from this split of `path`
-    num_fewshot: int = 0
+    # gsm8k: k-shot examples, drawn once (fewshot_seed) from this split of `path`; lm_eval: k-shot examples of every
+    # task, None = each task's own default (lm-eval's --num_fewshot)
+    num_fewshot: Optional[int] = 0
     fewshot_split: str = "train"
     # gsm8k: a file for the k-shot pool when `path` is a single file; None = `fewshot_split` of `path`
     fewshot_path: Optional[str] = None
     fewshot_seed: int = 1234
-    # Evaluate only the first `limit` examples (demo: the size of the held-out set drawn); None = all
+    # Evaluate only the first `limit` examples (demo: the size of the held-out set drawn; lm_eval: of every task);
+    # None = all
     limit: Optional[int] = None
     # True = the tokenizer's chat template (instruct models); False = plain text (base models)
     chat: bool = True
@@ -254,6 +257,58 @@ class TaskConfig:
     scoring: str = "exact"
     # Stop strings added to the sampler's (e.g. "Question:" for k-shot prompts to base models)
     stop: list[str] = field(default_factory=list)
+
+    # ---- lm_eval only (lm_eval_adapter.py); the names and meanings of lm-eval's CLI options
+    # Task or group names (lm-eval's --tasks): [gsm8k], [humaneval, mbpp], or those of include_path's YAMLs
+    tasks: list[str] = field(default_factory=list)
+    # The tokenizer's chat template around every prompt (instruct models); the built-in tasks use `chat`
+    apply_chat_template: bool = False
+    # With apply_chat_template: k-shot examples as alternating user/assistant turns (else one user message)
+    fewshot_as_multiturn: bool = True
+    # A system message before every prompt; None = none (the built-in tasks use `system_prompt`)
+    system_instruction: Optional[str] = None
+    # Generation kwargs over every generate_until task's own ({max_gen_toks: 256, until: [...], steps: 64}); what
+    # maps to the sampler and what is refused: lm_eval_adapter.py
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)
+    # A folder of custom task YAMLs (lm-eval's --include_path); None = lm-eval's own tasks only
+    include_path: Optional[str] = None
+    # Run the model's code in code tasks (humaneval, mbpp): lm-eval refuses them without it
+    confirm_run_unsafe_code: bool = False
+    # loglikelihood tasks, Monte-Carlo ELBO (likelihood.py, reference/likelihood.md): samples per (prompt, answer),
+    # forwards per mini-batch (mc_num must be a multiple), classifier-free guidance scale (0 = off)
+    mc_num: int = 128
+    mc_batch_size: int = 8
+    cfg_scale: float = 0.0
+    # Seed of every (prompt, answer) pair's generator: candidate answers share their masks (common random numbers)
+    mc_seed: int = 0
+    # Answer lm-eval's "is the continuation the greedy decode" (one decode per request); False = always False, as
+    # LLaDA's eval does unless is_check_greedy (no metric of the paper needs it)
+    check_greedy: bool = False
+
+    def check(self) -> None:
+        _at_least("limit", self.limit, 1, optional=True)
+        _at_least("num_fewshot", self.num_fewshot, 0, optional=self.name == "lm_eval")
+        if self.name != "lm_eval":
+            default = TaskConfig(name=self.name)
+            changed = [f for f in LM_EVAL_FIELDS if getattr(self, f) != getattr(default, f)]
+            if changed:
+                raise ValueError(f"{changed[0]} is an option of task=lm_eval; task={self.name} does not use it")
+            return
+        if not self.tasks:
+            raise ValueError("tasks is empty; name the lm-eval tasks to run (task.tasks=[gsm8k])")
+        _at_least("mc_num", self.mc_num, 1)
+        _at_least("mc_batch_size", self.mc_batch_size, 1)
+        if self.mc_num % self.mc_batch_size:
+            raise ValueError(f"mc_num must be a multiple of mc_batch_size={self.mc_batch_size}, got {self.mc_num}")
+        _at_least("cfg_scale", self.cfg_scale, 0)
+        if self.system_prompt is not None:
+            raise ValueError("system_prompt is not used by task=lm_eval; use task.system_instruction")
+
+
+# TaskConfig fields only task=lm_eval uses (another task refuses them rather than ignore them)
+LM_EVAL_FIELDS = ("tasks", "apply_chat_template", "fewshot_as_multiturn", "system_instruction", "gen_kwargs",
+                  "include_path", "confirm_run_unsafe_code", "mc_num", "mc_batch_size", "cfg_scale", "mc_seed",
+                  "check_greedy")
 
 
 @dataclass
@@ -310,6 +365,8 @@ class EvalConfig:
         _at_least("batch_size", self.batch_size, 1)
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}), got {self.shard_index}")
+        if self.task.name == "lm_eval" and self.num_shards > 1:
+            raise ValueError("num_shards > 1 is not supported with task=lm_eval yet (lm-eval runs a task whole)")
 
 
 Schema = TypeVar("Schema")

@@ -36,6 +36,7 @@ from llada_xp.sampler import Finished, Request, Sampler
 log = logging.getLogger(__name__)
 
 SAMPLES, METRICS = "samples.jsonl", "metrics.json"
+LM_EVAL_CACHE = "lm_eval_cache_"  # task=lm_eval: lm-eval's request cache, + the config key (+ "_rank0.db")
 # Sample fields that differ between identical runs (everything else is reproducible)
 TIMING_FIELDS = ("latency_s", "forward_s", "batch")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -69,7 +70,10 @@ def run(cfg: EvalConfig, overrides: Optional[dict[str, Any]] = None, name: Optio
         check(cfg)  # eval.py checked it already; callers of the Python API may not have
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        metrics = _run(cfg, tasks.load(cfg.task), out, logger)
+        if cfg.task.name == "lm_eval":
+            metrics = _run_lm_eval(cfg, out, logger)
+        else:
+            metrics = _run(cfg, tasks.load(cfg.task), out, logger)
     except BaseException as e:
         logger.finish(e)
         raise
@@ -126,6 +130,58 @@ def _run(cfg: EvalConfig, task: tasks.Task, out: Path, logger) -> dict:
     log.info("%s on %s: accuracy %.4f (%d/%d), %.1f tokens/s (%s torch threads), %.1f NFE/sample -> %s",
              loaded.info.name, task.name, metrics["accuracy"], metrics["correct"], metrics["n"],
              metrics["tokens_per_s"], metrics["threads"], metrics["nfe_mean"], out)
+    return metrics
+
+
+def _run_lm_eval(cfg: EvalConfig, out: Path, logger) -> dict:
+    """task=lm_eval: lm-eval's tasks through our model (lm_eval_adapter.py); every metric lm-eval reports, the speed
+    of the generation requests, one samples.jsonl line per (sample, filter). Resume: lm-eval's request cache in the
+    output dir, named by the config key (a rerun answers the requests it holds; resume=false deletes it)."""
+    from llada_xp import lm_eval_adapter
+
+    loaded = load_model(cfg.model)
+    fp = fingerprint(loaded.info)
+    logger.update_config(fingerprint=fp)
+    key = config_key(cfg)
+    path = out / SAMPLES
+    cache = out / f"{LM_EVAL_CACHE}{key}"
+    db = Path(f"{cache}_rank0.db")  # the name lm-eval gives it
+    if not cfg.resume:
+        for old in out.glob(f"{LM_EVAL_CACHE}*"):
+            old.unlink()
+    others = [p.name for p in out.glob(f"{LM_EVAL_CACHE}*.db") if p != db]
+    if others:
+        raise EvalError(f"{out} holds the lm-eval request cache of another configuration ({others[0]}; model, sampler "
+                        f"or task changed); use a new output dir or resume=false to start over")
+    resumed = 0
+    if db.exists():
+        from sqlitedict import SqliteDict
+
+        with SqliteDict(str(db), flag="r") as d:
+            resumed = len(d)
+        log.info("resuming from %s: %d lm-eval requests already answered", db, resumed)
+    bar = tqdm(desc=f"eval lm_eval {','.join(cfg.task.tasks)}", unit="generation", disable=not cfg.progress)
+    with bar:
+        results, records, lm = lm_eval_adapter.run_tasks(cfg, loaded, progress=bar.update, cache=str(cache))
+    with open(path.with_suffix(".tmp"), "w") as f:
+        for r in records:
+            f.write(json.dumps(dict(r, key=key), default=str) + "\n")
+    path.with_suffix(".tmp").replace(path)
+    primary = next((k for k in results if "/" in k and "_stderr/" not in k), None)
+    # accuracy (what sweeps, reports and plots read): lm-eval's first metric of the first task, named beside it
+    metrics = dict(results, accuracy=results.get(primary), accuracy_metric=primary)
+    metrics.update(n=len({(r["task"], r["index"]) for r in records}), generation_requests=len(lm.records))
+    if lm.records:
+        metrics.update(speed(lm.records))
+    if lm.likelihood["loglikelihood_requests"]:
+        metrics.update(lm.likelihood)
+    metrics.update(complete=True, expected=metrics["n"], resumed=resumed, task="lm_eval:" + ",".join(cfg.task.tasks),
+                   model=loaded.info.name, shard=dict(index=0, num_shards=1), key=key, wandb=logger.info(),
+                   fingerprint=fp, config=dataclasses.asdict(cfg))
+    write_json(out / METRICS, metrics)
+    logger.log(metrics, records)
+    log.info("%s on %s: %s -> %s", loaded.info.name, metrics["task"],
+             ", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float) and "_stderr/" not in k), out)
     return metrics
 
 
@@ -208,18 +264,24 @@ def _resume(path: Path, key: str, mine: set[int]) -> dict[int, dict]:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Metrics of a list of sample records (the same function for runs, resumes and merges).
+    """Metrics of a list of sample records (the same function for runs, resumes and merges): accuracy and `speed`."""
+    n = len(records)
+    if n == 0:
+        raise EvalError("no samples to summarize (empty task or shard?)")
+    correct = sum(r["correct"] for r in records)
+    return dict(n=n, correct=correct, accuracy=correct / n, **speed(records))
+
+
+def speed(records: list[dict]) -> dict:
+    """Speed figures of generation records (nfe, tokens, committed, latency_s, batch, finish_reason, threads).
 
     tokens/s counts answer tokens over the time the sampler spent: per batch, its slowest sample's latency. threads:
     the torch CPU threads the samples ran with — a list of the counts when they differ (resumed or merged runs), as
     the speed figures then mix them (None: samples written before threads were recorded)."""
     n = len(records)
-    if n == 0:
-        raise EvalError("no samples to summarize (empty task or shard?)")
     threads = sorted({r.get("threads") for r in records}, key=str)
     if len(threads) > 1:
         log.warning("the samples ran with different torch thread counts %s: tokens/s and latencies mix them", threads)
-    correct = sum(r["correct"] for r in records)
     nfe = [r["nfe"] for r in records]
     batch_time: dict[str, float] = {}
     batch_forwards: dict[str, int] = {}
@@ -230,7 +292,6 @@ def summarize(records: list[dict]) -> dict:
     tokens = sum(r["tokens"] for r in records)
     lat = np.array([r["latency_s"] for r in records])
     return dict(
-        n=n, correct=correct, accuracy=correct / n,
         tokens_per_s=tokens / seconds if seconds > 0 else 0.0, generated_tokens=tokens, answer_tokens_mean=tokens / n,
         seconds=seconds, nfe_mean=sum(nfe) / n, nfe_total=sum(nfe), model_forwards=sum(batch_forwards.values()),
         tokens_per_forward_mean=sum(r["committed"] / r["nfe"] for r in records if r["nfe"]) / n,
@@ -325,7 +386,10 @@ class _WandbLogger:
         logged: dict[str, Any] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.cfg.log_samples:
             cols = ["index", "prompt", "output", "reference", "correct", "nfe"]
-            logged["samples"] = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in records])
+            if records and "task" in records[0]:  # task=lm_eval's records
+                cols = ["task", "index", "filter", "prompt", "output", "target", "metrics"]
+            cell = (lambda v: v if v is None or isinstance(v, (str, int, float)) else json.dumps(v, default=str))
+            logged["samples"] = wandb.Table(columns=cols, data=[[cell(r.get(c)) for c in cols] for r in records])
         self.run.log(logged)  # also sets the summary of these keys
         self.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, str)})
 

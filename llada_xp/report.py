@@ -30,7 +30,8 @@ FAILED = "failed.json"  # written by eval.py into the output dir of a sweep poin
 # metrics.json keys shown per point, with their format (threads: torch CPU threads the speed was measured with)
 METRICS = {"accuracy": "{:.3f}", "tokens_per_s": "{:.1f}", "nfe_mean": "{:.1f}", "tokens_per_forward_total": "{:.2f}",
            "latency_p50_s": "{:.3f}", "n": "{}", "threads": "{}"}
-NO_PLOT = "no point of the sweep finished"  # why a report has no plot
+NO_PLOT = "no point of the sweep finished"
+TASK_METRIC = "{:.4f}"  # task=lm_eval's TASK/METRIC/FILTER values (every filter a column: strict-match, flexible-extract)  # why a report has no plot
 
 
 class ReportError(RuntimeError):
@@ -150,18 +151,29 @@ def swept_keys(points: list) -> list[str]:
     return [k for k in keys if len({p.overrides.get(k) for p in points}) > 1]
 
 
+def _speed(p: Point) -> float:
+    return p.metrics.get("tokens_per_s") or 0.0  # none: an lm-eval sweep of likelihood tasks only
+
+
 def mark_pareto(points: list[Point]) -> None:
     """A point is on the front when no other point is at least as accurate and as fast, and better in one."""
     for p in points:
-        a, s = p.metrics["accuracy"], p.metrics["tokens_per_s"]
-        p.pareto = not any(q.metrics["accuracy"] >= a and q.metrics["tokens_per_s"] >= s
-                           and (q.metrics["accuracy"] > a or q.metrics["tokens_per_s"] > s) for q in points)
+        a, s = p.metrics["accuracy"], _speed(p)
+        p.pareto = not any(q.metrics["accuracy"] >= a and _speed(q) >= s
+                           and (q.metrics["accuracy"] > a or _speed(q) > s) for q in points)
+
+
+def columns(points: list) -> dict[str, str]:
+    """The metrics.json keys shown, with their format: METRICS, then every lm-eval TASK/METRIC/FILTER of any point."""
+    tasks = sorted({k for p in points for k in p.metrics if "/" in k and "_stderr/" not in k})
+    return {**METRICS, **{k: TASK_METRIC for k in tasks}}
 
 
 def rows(points: list[Point], swept: list[str]) -> tuple[list[str], list[list[str]]]:
-    header = ["point", *swept, *METRICS, "pareto"]
+    cols = columns(points)
+    header = ["point", *swept, *cols, "pareto"]
     body = [[str(p.dir), *(p.overrides.get(k, "") for k in swept),
-             *("" if p.metrics.get(k) is None else fmt.format(p.metrics[k]) for k, fmt in METRICS.items()),
+             *("" if p.metrics.get(k) is None else fmt.format(p.metrics[k]) for k, fmt in cols.items()),
              "yes" if p.pareto else ""] for p in points]
     return header, body
 
@@ -196,15 +208,15 @@ def plot(points: list[Point], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    xs = [p.metrics["tokens_per_s"] for p in points]
+    xs = [_speed(p) for p in points]
     ys = [p.metrics["accuracy"] for p in points]
     ax.scatter(xs, ys, color="tab:gray", zorder=2, label="sweep point")
-    front = sorted((p for p in points if p.pareto), key=lambda p: p.metrics["tokens_per_s"])
-    ax.plot([p.metrics["tokens_per_s"] for p in front], [p.metrics["accuracy"] for p in front], "o-",
+    front = sorted((p for p in points if p.pareto), key=_speed)
+    ax.plot([_speed(p) for p in front], [p.metrics["accuracy"] for p in front], "o-",
             color="tab:red", zorder=3, label="Pareto front")
     mid = (min(xs) + max(xs)) / 2
     for k, group in enumerate(nearby(points, xs, ys)):  # one stacked label per cluster; alternate above / below
-        x, y = group[0].metrics["tokens_per_s"], group[0].metrics["accuracy"]
+        x, y = _speed(group[0]), group[0].metrics["accuracy"]
         right = x > mid  # labels of points in the right half extend to the left, inside the axes
         ax.annotate("\n".join(label(p) for p in group), (x, y), textcoords="offset points",
                     xytext=(-4 if right else 4, 5 if k % 2 == 0 else -5), ha="right" if right else "left",
@@ -234,12 +246,13 @@ def report(sweep_dir: Path, log_wandb: bool = True) -> Report:
         p.params = {k: p.overrides.get(k, "") for k in swept}
     mark_pareto(points)
     header, body = rows(points, swept)
+    cols = columns(points)
     with open(sweep_dir / CSV, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header + ["error"])
-        w.writerows([[p.dir, *(p.overrides.get(k, "") for k in swept), *(p.metrics.get(k) for k in METRICS),
+        w.writerows([[p.dir, *(p.overrides.get(k, "") for k in swept), *(p.metrics.get(k) for k in cols),
                       p.pareto, ""] for p in points])
-        w.writerows([[p.dir, *(p.overrides.get(k, "") for k in swept), *("" for _ in METRICS), "", p.error]
+        w.writerows([[p.dir, *(p.overrides.get(k, "") for k in swept), *("" for _ in cols), "", p.error]
                      for p in failed])
     table = markdown(header, body) if points else f"No plot: {NO_PLOT}.\n"
     threads = {str(p.metrics.get("threads") or "unknown") for p in points}
@@ -289,9 +302,10 @@ def _log_wandb(rep: Report, sweep_dir: Path) -> None:
     try:
         logged = {}
         if rep.points:
-            header = ["point", *rep.swept, *METRICS, "pareto"]
+            cols = columns(rep.points)
+            header = ["point", *rep.swept, *cols, "pareto"]
             data = [[str(p.dir), *typed_overrides([f"{k}={p.params[k]}" for k in rep.swept]).values(),
-                     *(p.metrics.get(k) for k in METRICS), p.pareto] for p in rep.points]
+                     *(p.metrics.get(k) for k in cols), p.pareto] for p in rep.points]
             logged["sweep"] = wandb.Table(columns=header, data=data, allow_mixed_types=True)
         if rep.failed:
             data = [[str(p.dir), *(p.overrides.get(k, "") for k in rep.swept), p.error, p.log] for p in rep.failed]

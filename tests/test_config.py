@@ -34,7 +34,8 @@ def checked(primary: str, *overrides: str):
                          + [("task", o) for o in GROUPS["task"]])
 def test_every_shipped_config_passes_the_checks(group, option):
     primary = "eval" if group in ("task", "logger") else "serve"
-    extra = {"dcp": ["model.path=x", "model.base_model=y"], "hf": ["model.path=x"], "jsonl": ["task.path=x"]}
+    extra = {"dcp": ["model.path=x", "model.base_model=y"], "hf": ["model.path=x"], "jsonl": ["task.path=x"],
+             "lm_eval": ["task.tasks=[x]"]}
     cfg = checked(primary, f"{group}={option}", *extra.get(option, []))
     assert getattr(cfg, group) is not None
 

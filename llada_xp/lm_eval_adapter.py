@@ -1,0 +1,288 @@
+"""The lm-evaluation-harness adapter: our loaded model as an lm-eval `LM`, and `run_tasks` behind `task=lm_eval`.
+
+`generate_until` turns lm-eval requests into sampler Requests (batched through `Sampler.generate`, never a second
+decoding loop); `loglikelihood` goes to the Monte-Carlo ELBO of `likelihood.py` (task.mc_num,
+mc_batch_size, cfg_scale, mc_seed); `loglikelihood_rolling` (perplexity tasks) is refused, naming the task. The only module that imports
+`lm_eval`. Knows nothing about Hydra, W&B or output files (evaluate.py writes and logs what `run_tasks` returns).
+
+Generation kwargs of a request (the task's `generation_kwargs`, overridden by task.gen_kwargs) map to SamplerConfig:
+- `until` (a string or a list) → stop strings, added to the sampler's; the answer is cut before the first one.
+- `max_gen_toks` → gen_length; `steps` scales with it (the configured steps per token are kept) unless the request
+  sets `steps` itself.
+- `do_sample: false` → temperature 0 (argmax, no random draw), whatever `temperature` says (as in lm-eval's HF
+  model); `do_sample: true` → the request's `temperature`, else the sampler's, which must then be > 0;
+  `temperature` alone → that temperature.
+- Every SamplerConfig field by its own name (steps, block_length, threshold, factor, cfg_scale, remasking, cache,
+  seed, gen_length, logits_eos_inf, confidence_eos_eot_inf, early_stop, stop, stop_token_ids).
+- Neutral values of settings we do not have are accepted (top_p 1, top_k 0/null, num_beams 1, repetition_penalty 1);
+  any other key or value is refused with an error naming it (never silently dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
+
+from llada_xp.config import EvalConfig, SamplerConfig
+from llada_xp.sampler import Request, Result, Sampler, SpecialIds
+
+log = logging.getLogger(__name__)
+
+SAMPLER_FIELDS = tuple(f.name for f in dataclasses.fields(SamplerConfig))
+# Settings the sampler does not have, with the values that mean "off" (accepted: they ask for nothing)
+NEUTRAL = {"top_p": (1, 1.0, None), "top_k": (0, None, -1), "num_beams": (1, None), "repetition_penalty": (1, 1.0, None),
+           "min_p": (0, 0.0, None)}
+
+
+class LmEvalError(ValueError):
+    """An lm-eval request or task we cannot serve as asked; the message names the key or the task."""
+
+
+def sampler_settings(base: SamplerConfig, gen_kwargs: dict[str, Any]) -> SamplerConfig:
+    """The sampler settings for one request: `base` (the eval's sampler config) with the request's gen kwargs."""
+    kw = dict(gen_kwargs or {})
+    s = dataclasses.replace(base, stop=list(base.stop), stop_token_ids=list(base.stop_token_ids))
+    until = kw.pop("until", None)
+    if until is not None:
+        s.stop += [until] if isinstance(until, str) else list(until)
+    do_sample = kw.pop("do_sample", None)
+    temperature = kw.pop("temperature", None)
+    max_gen_toks = kw.pop("max_gen_toks", None)
+    for key in list(kw):
+        if key in NEUTRAL:
+            if kw[key] not in NEUTRAL[key]:
+                raise LmEvalError(f"generation kwarg {key}={kw[key]!r} is not supported by the diffusion sampler "
+                                  f"(only the neutral value {NEUTRAL[key][0]!r} is accepted)")
+            kw.pop(key)
+    unknown = sorted(k for k in kw if k not in SAMPLER_FIELDS)
+    if unknown:
+        raise LmEvalError(f"generation kwarg {unknown[0]!r} is not supported (the sampler takes until, max_gen_toks, "
+                          f"do_sample, temperature and its own fields: {', '.join(SAMPLER_FIELDS)})")
+    if max_gen_toks is not None and "gen_length" not in kw:
+        if "steps" not in kw:  # keep the configured steps per token
+            kw["steps"] = max(1, round(s.steps * int(max_gen_toks) / s.gen_length))
+        kw["gen_length"] = int(max_gen_toks)
+    if "stop" in kw:
+        s.stop += [kw.pop("stop")] if isinstance(kw["stop"], str) else list(kw.pop("stop"))
+    s = dataclasses.replace(s, **kw)
+    if do_sample is False:
+        s.temperature = 0.0
+    elif temperature is not None:
+        s.temperature = float(temperature)
+    if do_sample is True and s.temperature == 0:
+        raise LmEvalError("generation kwarg do_sample=true needs temperature > 0 (in the request or sampler.temperature)")
+    try:
+        s.check()
+    except ValueError as e:
+        raise LmEvalError(f"generation kwargs {gen_kwargs}: {e}") from None
+    return s
+
+
+def _settings_key(s: SamplerConfig) -> str:
+    return repr(dataclasses.astuple(dataclasses.replace(s, seed=None)))
+
+
+class LladaLM(LM):
+    """A loaded LLaDA model (loading.py) as an lm-eval LM. `records` collects one dict per generation request (the
+    sampler's stats: nfe, tokens, committed, latency, batch) for the speed figures evaluate.py reports."""
+
+    def __init__(self, model, tokenizer, ids: SpecialIds, sampler: SamplerConfig, batch_size: int = 16,
+                 elbo: Any = None, threads: Optional[int] = None, progress: Optional[Callable[[int], None]] = None,
+                 check_greedy: bool = False):
+        super().__init__()
+        self.model, self.tokenizer, self.ids = model, tokenizer, ids
+        self.sampler_cfg, self.batch_size, self.elbo, self.threads = sampler, batch_size, elbo, threads
+        self.check_greedy = check_greedy
+        self.sampler = Sampler(model, ids, decode=tokenizer.decode)
+        self.records: list[dict] = []  # one per generation request
+        self.likelihood = dict(loglikelihood_requests=0, loglikelihood_s=0.0, loglikelihood_forwards=0)
+        self.progress = progress or (lambda n: None)
+
+    # ------------------------------------------------------------------ tokens
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt: the tokenizer's own special tokens (BOS) unless the text already starts with
+        them (a chat template renders its BOS into the text)."""
+        ids = list(self.tokenizer(text)["input_ids"])
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
+            ids = ids[1:]
+        return ids
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise LmEvalError("task.apply_chat_template=true but the tokenizer has no chat template")
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "tokenizer")).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) if chat_template else None
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """Batches of `batch_size` requests with equal settings (sorted by prompt length, as evaluate.py batches),
+        each through `Sampler.generate`. Request i draws from seed + i when sampler.seed is set."""
+        settings = []
+        for i, r in enumerate(requests):
+            context, gen_kwargs = r.args[0], (r.args[1] if len(r.args) > 1 else {})
+            try:
+                s = sampler_settings(self.sampler_cfg, gen_kwargs)
+            except LmEvalError as e:
+                raise LmEvalError(f"task {r.task_name}: {e}") from None
+            settings.append(dataclasses.replace(s, seed=None if s.seed is None else s.seed + i))
+        prompts = [self.encode(r.args[0]) for r in requests]
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(settings):
+            groups.setdefault(_settings_key(s), []).append(i)
+        out: list[Optional[str]] = [None] * len(requests)
+        for members in groups.values():
+            members.sort(key=lambda i: (len(prompts[i]), i))
+            for k in range(0, len(members), self.batch_size):
+                batch = members[k:k + self.batch_size]
+                batch_id = uuid.uuid4().hex[:8]
+                results = self.sampler.generate([Request(prompts[i], settings[i]) for i in batch])
+                for i, res in zip(batch, results):
+                    out[i] = self._text(res)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, out[i])  # resume: kept at once
+                    st = res.stats
+                    self.records.append(dict(request=i, task=requests[i].task_name, doc_id=requests[i].doc_id,
+                                             token_ids=res.tokens,
+                                             nfe=st.nfe, tokens=len(res.tokens), committed=st.committed,
+                                             finish_reason=res.finish_reason, latency_s=st.wall_s,
+                                             forward_s=st.forward_s, batch=batch_id, threads=self.threads))
+                self.progress(len(batch))
+        return out  # type: ignore[return-value]
+
+    def _text(self, res: Result) -> str:
+        text = self.tokenizer.decode(res.tokens, skip_special_tokens=True)
+        if isinstance(res.stop, str) and res.stop in text:
+            text = text[:text.find(res.stop)]
+        return text
+
+    # ------------------------------------------------------------------ likelihood
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's rule (reference/likelihood.md): the context's trailing whitespace moves to the continuation;
+        the continuation's ids are those of the whole string after the context's ids."""
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        whole, ctx = self.encode(context + continuation), self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """The Monte-Carlo ELBO of each (context, continuation) (likelihood.py, seeded: reproducible), and whether
+        the continuation is the greedy decode — False unless check_greedy (as LLaDA's is_check_greedy; no metric of
+        the paper needs it)."""
+        from llada_xp.likelihood import ELBO, is_greedy, log_likelihood
+
+        settings = self.elbo if self.elbo is not None else ELBO()
+        started, out = time.perf_counter(), []
+        for r in requests:
+            prompt, answer = self.encode_pair(*r.args[:2])
+            if not answer:
+                raise LmEvalError(f"task {r.task_name}: an empty continuation after {r.args[0][-40:]!r}")
+            ll = log_likelihood(self.model, self.ids, prompt, answer, settings)
+            greedy = bool(self.check_greedy and is_greedy(self.model, self.ids, prompt, answer, settings.cfg_scale))
+            out.append((ll, greedy))
+            self.cache_hook.add_partial("loglikelihood", r.args, (ll, greedy))
+            self.progress(1)
+        self.likelihood = dict(loglikelihood_requests=self.likelihood["loglikelihood_requests"] + len(requests),
+                               loglikelihood_s=self.likelihood["loglikelihood_s"] + time.perf_counter() - started,
+                               loglikelihood_forwards=self.likelihood["loglikelihood_forwards"]
+                               + len(requests) * settings.mc_num // settings.batch_size)
+        return out
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        name = requests[0].task_name if requests else "?"
+        raise LmEvalError(f"task {name} needs loglikelihood_rolling (perplexity of whole documents), which a masked "
+                          f"diffusion model does not give: its ELBO is defined for a continuation of a prompt")
+
+
+# --------------------------------------------------------------------------------------------------- tasks
+def run_tasks(cfg: EvalConfig, loaded, progress: Optional[Callable[[int], None]] = None,
+              cache: Optional[str] = None) -> tuple[dict, list[dict], LladaLM]:
+    """Evaluate cfg.task.tasks with lm-eval through our model. Returns (metrics, sample records, the LM).
+
+    cache: lm-eval's request cache (an SQLite file per path, `_rank0.db` appended): every answered request is stored
+    the moment it is answered, and a rerun answers from it — how task=lm_eval resumes. lm-eval never caches
+    requests with do_sample=true; those run again.
+
+    metrics: every number lm-eval reports, keyed `TASK/METRIC/FILTER` (stderr as `TASK/METRIC_stderr/FILTER`),
+    plus `lm_eval` (lm-eval's versions, n-shot and sample counts per task)."""
+    import lm_eval
+
+    from llada_xp.likelihood import ELBO
+
+    t = cfg.task
+    elbo = ELBO(mc_num=t.mc_num, batch_size=t.mc_batch_size, cfg_scale=t.cfg_scale, seed=t.mc_seed)
+    lm = LladaLM(loaded.model, loaded.tokenizer, loaded.info.ids, cfg.sampler, cfg.batch_size, elbo=elbo,
+                 threads=loaded.info.threads, progress=progress, check_greedy=t.check_greedy)
+    manager = _task_manager(t.include_path, t.tasks)
+    started = time.perf_counter()
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=list(t.tasks), num_fewshot=t.num_fewshot, limit=t.limit, task_manager=manager,
+            apply_chat_template=t.apply_chat_template, fewshot_as_multiturn=t.fewshot_as_multiturn,
+            system_instruction=t.system_instruction, gen_kwargs=dict(t.gen_kwargs) or None,
+            confirm_run_unsafe_code=t.confirm_run_unsafe_code, log_samples=True, bootstrap_iters=1000,
+            use_cache=cache)
+    except ConnectionError as e:  # HF_DATASETS_OFFLINE=1 and a dataset not cached
+        raise LmEvalError(f"lm-eval tasks {list(t.tasks)}: a dataset is not available offline ({e}); "
+                          f"run once with network access to cache it, or unset HF_DATASETS_OFFLINE") from None
+    metrics: dict[str, Any] = {}
+    for task, res in results["results"].items():
+        for key, value in res.items():
+            if key == "alias" or "," not in key:
+                continue
+            metric, filt = key.split(",", 1)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"{task}/{metric}/{filt}"] = value
+    metrics["lm_eval"] = dict(version=results.get("versions"), n_shot=results.get("n-shot"),
+                              n_samples=results.get("n-samples"), seconds=time.perf_counter() - started)
+    records = [_record(task, s) for task, samples in results.get("samples", {}).items() for s in samples]
+    return metrics, records, lm
+
+
+def _task_manager(include_path: Optional[str], names: list[str]):
+    """lm-eval's TaskManager; only include_path's YAMLs when they hold every task named (indexing lm-eval's own
+    thousands of task YAMLs takes ~20 s). An unknown task name is an error naming it."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise LmEvalError(f"task.include_path={include_path!r} is not a folder")
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if all(n in set(manager.all_tasks) for n in names):
+            return manager
+    manager = TaskManager(include_path=include_path)
+    known = set(manager.all_tasks)
+    missing = [n for n in names if n not in known]
+    if missing:
+        import difflib
+
+        near = {n: difflib.get_close_matches(n, known, n=1) for n in missing}
+        hints = "; ".join(f"{n}: did you mean {near[n][0]}?" for n in missing if near[n])
+        raise LmEvalError(f"unknown lm-eval task {', '.join(missing)} (task.include_path adds a folder of task "
+                          f"YAMLs){'; ' + hints if hints else ''}")
+    return manager
+
+
+def _record(task: str, s: dict) -> dict:
+    """One samples.jsonl line of an lm-eval sample: prompt, output, target and its metrics."""
+    args = s.get("arguments") or []
+    prompt = args[0][0] if args and args[0] else None
+    outputs = s.get("filtered_resps")
+    if isinstance(outputs, list) and len(outputs) == 1:
+        outputs = outputs[0]
+    return dict(task=task, index=s.get("doc_id"), filter=s.get("filter"), prompt=prompt, output=outputs,
+                target=s.get("target"), metrics={m: s.get(m) for m in s.get("metrics", [])})
