@@ -68,6 +68,12 @@ class ModelConfig:
 
     def check(self) -> None:
         _one_of("source", self.source, SOURCES)
+        # (a group file's `path: ???` cannot override the schema's None: Hydra keeps the typed default)
+        if self.source in ("hf", "dcp") and not self.path:
+            raise ValueError(f"path is required for source={self.source} (pass model.path=...)")
+        if self.source == "dcp" and not self.base_model:
+            raise ValueError("base_model is required for source=dcp: the Hugging Face model (Hub id or folder) the "
+                             "checkpoint was trained from (pass model.base_model=...)")
         _one_of("dtype", self.dtype, DTYPES)
         _at_least("threads", self.threads, 1, optional=True)
 
@@ -406,11 +412,13 @@ def load(dc: DictConfig, schema: type[Schema]) -> Schema:
     Hydra adds without complaint) and values out of range raise ConfigError naming the key."""
     _no_unknown_keys(dc)
     try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), dc))
+        cfg = OmegaConf.to_object(dc)  # the composed config is already typed: to_object builds its dataclasses
     except MissingMandatoryValue as e:
         raise ConfigError(f"{e.full_key} is required (pass {e.full_key}=...)") from None
     except OmegaConfBaseException as e:  # e.g. Key 'threshhold' not in 'SamplerConfig'
         raise ConfigError(f"{str(e).splitlines()[0]} (full key: {e.full_key})") from None
+    if not isinstance(cfg, schema):
+        raise ConfigError(f"the composed config is a {type(cfg).__name__}, not a {schema.__name__}")
     check(cfg)
     return cfg
 

@@ -53,6 +53,14 @@ def test_a_typo_added_with_plus_is_an_error_naming_the_key(primary, override, me
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["model=hf"], "model.path is required for source=hf"), (["model=dcp"], "model.path is required for source=dcp"),
+    (["model=dcp", "model.path=x"], "model.base_model is required for source=dcp")])
+def test_a_required_value_left_out_is_an_error_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        checked("serve", *overrides)
+
+
 def test_free_form_dicts_still_take_new_keys():
     cfg = checked("serve", "launcher=slurm", "+launcher.additional_parameters.reservation=r1")
     assert cfg.launcher.additional_parameters == {"reservation": "r1"}
