@@ -292,14 +292,22 @@ class TaskConfig:
         if self.mc_num % self.mc_batch_size:
             raise ValueError(f"mc_num must be a multiple of mc_batch_size={self.mc_batch_size}, got {self.mc_num}")
         _at_least("cfg_scale", self.cfg_scale, 0)
-        if self.system_prompt is not None:
-            raise ValueError("system_prompt is not used by task=lm_eval; use task.system_instruction")
+        default = TaskConfig(name=self.name)
+        changed = [f for f in BUILTIN_FIELDS if getattr(self, f) != getattr(default, f)]
+        if changed:
+            raise ValueError(f"{changed[0]} is not used by task=lm_eval; use {BUILTIN_FIELDS[changed[0]]}")
 
 
 # TaskConfig fields only task=lm_eval uses (another task refuses them rather than ignore them)
 LM_EVAL_FIELDS = ("tasks", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "system_instruction",
                   "gen_kwargs", "include_path", "confirm_run_unsafe_code", "mc_num", "mc_batch_size", "cfg_scale",
                   "mc_seed", "check_greedy")
+# TaskConfig fields only the built-in tasks use, and what does their job under task=lm_eval (which refuses them
+# rather than ignore them: `task=gsm8k task.chat=false` or `task.path=...` meant something before gsm8k ran in lm-eval)
+_YAML = "a task YAML of your own (task.include_path)"
+BUILTIN_FIELDS = {"path": _YAML, "chat": "task.apply_chat_template", "system_prompt": "task.system_instruction",
+                  "prompt_template": _YAML, "prompt_field": _YAML, "answer_field": _YAML, "scoring": _YAML,
+                  "stop": "task.gen_kwargs={until: [...]}"}
 
 
 @dataclass

@@ -88,6 +88,17 @@ def test_task_gsm8k_is_lm_evals_gsm8k_five_shot_with_the_chat_template():
     assert (base.apply_chat_template, base.limit, base.tasks) == (False, 2, ["gsm8k"])
 
 
+@pytest.mark.parametrize("override, instead", [
+    ("task.path=/data/gsm8k", "task.include_path"),
+    ("task.chat=false", "task.apply_chat_template"),
+    ("task.scoring=number", "task.include_path"),
+    ("task.stop=[Question:]", "task.gen_kwargs"),
+])
+def test_options_of_the_former_gsm8k_task_are_refused_naming_lm_evals(override, instead):
+    with pytest.raises(ConfigError, match=f"{override.split('=')[0]} is not used by task=lm_eval; use .*{instead}"):
+        composed("task=gsm8k", override)
+
+
 def test_num_fewshot_is_refused_by_the_built_in_tasks(gsm8k_jsonl):
     with pytest.raises(ConfigError, match="task.num_fewshot is an option of task=lm_eval; task=jsonl does not use it"):
         composed("task=jsonl", f"task.path={gsm8k_jsonl}", "task.num_fewshot=5")
