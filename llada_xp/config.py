@@ -230,23 +230,11 @@ class ConvertConfig:
 class TaskConfig:
     """What to evaluate on (tasks.py): the examples, how prompts are built and how outputs are scored."""
 
-    # demo (the demo model's held-out set) | gsm8k | jsonl (one {prompt, answer} object per line) | lm_eval (any
-    # lm-evaluation-harness task: the fields under "lm_eval" below)
+    # demo (the demo model's held-out set) | jsonl (one {prompt, answer} object per line) | lm_eval (any
+    # lm-evaluation-harness task: the fields under "lm_eval" below; conf/task/gsm8k.yaml is lm_eval's gsm8k)
     name: str = MISSING
-    # gsm8k: a Hub dataset id, a local dataset folder, or a .jsonl/.json/.parquet file holding `split`;
-    # jsonl: the file. demo: unused
+    # jsonl: the file. demo, lm_eval: unused (lm_eval: task.include_path for local data)
     path: Optional[str] = None
-    # gsm8k: the dataset configuration (GSM8K: main | socratic)
-    subset: Optional[str] = None
-    # gsm8k: the split evaluated
-    split: str = "test"
-    # gsm8k: k-shot examples, drawn once (fewshot_seed) from this split of `path`; lm_eval: k-shot examples of every
-    # task, None = each task's own default (lm-eval's --num_fewshot)
-    num_fewshot: Optional[int] = 0
-    fewshot_split: str = "train"
-    # gsm8k: a file for the k-shot pool when `path` is a single file; None = `fewshot_split` of `path`
-    fewshot_path: Optional[str] = None
-    fewshot_seed: int = 1234
     # Evaluate only the first `limit` examples (demo: the size of the held-out set drawn; lm_eval: of every task);
     # None = all
     limit: Optional[int] = None
@@ -256,17 +244,20 @@ class TaskConfig:
     system_prompt: Optional[str] = None
     # How a question becomes the user message (or the plain-text prompt); {prompt} is the question
     prompt_template: str = "{prompt}"
-    # jsonl (and gsm8k files): the fields holding the question and the reference answer
+    # jsonl: the fields holding the question and the reference answer
     prompt_field: str = "prompt"
     answer_field: str = "answer"
-    # jsonl: exact (equal after stripping whitespace) | number (the gsm8k rule: "####", else the last number)
+    # jsonl: exact (equal after stripping whitespace) | number (GSM8K-style: the number after "####", else the last
+    # number, compared numerically)
     scoring: str = "exact"
-    # Stop strings added to the sampler's (e.g. "Question:" for k-shot prompts to base models)
+    # Stop strings added to the sampler's (e.g. "Question:" when base models continue with a next question)
     stop: list[str] = field(default_factory=list)
 
     # ---- lm_eval only (lm_eval_adapter.py); the names and meanings of lm-eval's CLI options
     # Task or group names (lm-eval's --tasks): [gsm8k], [humaneval, mbpp], or those of include_path's YAMLs
     tasks: list[str] = field(default_factory=list)
+    # k-shot examples of every task (lm-eval's --num_fewshot); None = each task's own default
+    num_fewshot: Optional[int] = None
     # The tokenizer's chat template around every prompt (instruct models); the built-in tasks use `chat`
     apply_chat_template: bool = False
     # With apply_chat_template: k-shot examples as alternating user/assistant turns (else one user message)
@@ -293,7 +284,6 @@ class TaskConfig:
 
     def check(self) -> None:
         _at_least("limit", self.limit, 1, optional=True)
-        _at_least("num_fewshot", self.num_fewshot, 0, optional=self.name == "lm_eval")
         if self.name != "lm_eval":
             default = TaskConfig(name=self.name)
             changed = [f for f in LM_EVAL_FIELDS if getattr(self, f) != getattr(default, f)]
@@ -302,19 +292,28 @@ class TaskConfig:
             return
         if not self.tasks:
             raise ValueError("tasks is empty; name the lm-eval tasks to run (task.tasks=[gsm8k])")
+        _at_least("num_fewshot", self.num_fewshot, 0, optional=True)
         _at_least("mc_num", self.mc_num, 1)
         _at_least("mc_batch_size", self.mc_batch_size, 1)
         if self.mc_num % self.mc_batch_size:
             raise ValueError(f"mc_num must be a multiple of mc_batch_size={self.mc_batch_size}, got {self.mc_num}")
         _at_least("cfg_scale", self.cfg_scale, 0)
-        if self.system_prompt is not None:
-            raise ValueError("system_prompt is not used by task=lm_eval; use task.system_instruction")
+        default = TaskConfig(name=self.name)
+        changed = [f for f in BUILTIN_FIELDS if getattr(self, f) != getattr(default, f)]
+        if changed:
+            raise ValueError(f"{changed[0]} is not used by task=lm_eval; use {BUILTIN_FIELDS[changed[0]]}")
 
 
 # TaskConfig fields only task=lm_eval uses (another task refuses them rather than ignore them)
-LM_EVAL_FIELDS = ("tasks", "apply_chat_template", "fewshot_as_multiturn", "system_instruction", "gen_kwargs",
-                  "include_path", "confirm_run_unsafe_code", "mc_num", "mc_batch_size", "cfg_scale", "mc_seed",
-                  "check_greedy")
+LM_EVAL_FIELDS = ("tasks", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "system_instruction",
+                  "gen_kwargs", "include_path", "confirm_run_unsafe_code", "mc_num", "mc_batch_size", "cfg_scale",
+                  "mc_seed", "check_greedy")
+# TaskConfig fields only the built-in tasks use, and what does their job under task=lm_eval (which refuses them
+# rather than ignore them: `task=gsm8k task.chat=false` or `task.path=...` meant something before gsm8k ran in lm-eval)
+_YAML = "a task YAML of your own (task.include_path)"
+BUILTIN_FIELDS = {"path": _YAML, "chat": "task.apply_chat_template", "system_prompt": "task.system_instruction",
+                  "prompt_template": _YAML, "prompt_field": _YAML, "answer_field": _YAML, "scoring": _YAML,
+                  "stop": "task.gen_kwargs={until: [...]}"}
 
 
 @dataclass

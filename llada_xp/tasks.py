@@ -1,14 +1,14 @@
 """Evaluation tasks: the examples, the prompt each becomes, and how an output is scored against its reference.
 
-Tasks: demo (the demo model's held-out set), gsm8k (Hub dataset or local files, through `datasets`; k-shot from the
-train split; "####" / last-number answer extraction), jsonl (generic prompt/answer lines). Knows nothing about
-models, sampling or logging: a tokenizer only turns a prompt into ids (`prompt_ids`).
+Tasks: demo (the demo model's held-out set) and jsonl (generic prompt/answer lines, scored exactly or by the
+GSM8K-style final number). GSM8K itself and every other benchmark run through lm-eval (task=gsm8k is an alias of
+task=lm_eval, see conf/task/gsm8k.yaml). Knows nothing about models, sampling or logging: a tokenizer only turns a
+prompt into ids (`prompt_ids`).
 """
 
 from __future__ import annotations
 
 import json
-import random
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -16,9 +16,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from llada_xp.config import TaskConfig
-
-GSM8K_HUB_ID = "openai/gsm8k"
-DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 # A number as written in answers: optional sign or $, thousands commas, decimals ("-$1,234.50", "3.", "7").
 _NUMBER = re.compile(r"(?<![\d.])-?\$?-?\d(?:[\d,]*\d)?(?:\.\d+)?")
@@ -40,23 +37,17 @@ class Task:
     name: str
     examples: list[Example]
     score: Callable[[str, str], bool]  # score(output, reference) -> correct
-    shots: list[tuple[str, str]]  # k-shot (question, answer) pairs put before every question
     cfg: TaskConfig
 
     def messages(self, ex: Example) -> list[dict]:
-        """The chat conversation for an example: [system], k-shot turns, the question."""
+        """The chat conversation for an example: [system], the question."""
         msgs = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
-        for q, a in self.shots:
-            msgs += [{"role": "user", "content": self.render(q)}, {"role": "assistant", "content": a}]
-        return msgs + [{"role": "user", "content": self.render(ex.question)}]
-
-    def text(self, ex: Example) -> str:
-        """The plain-text prompt for an example (base models): k-shot blocks, then the question."""
-        return "".join(f"{self.render(q)} {a}\n\n" for q, a in self.shots) + self.render(ex.question)
+        return msgs + [{"role": "user", "content": self.prompt(ex)}]
 
     def prompt(self, ex: Example) -> str:
-        """What samples.jsonl records as the prompt: the last user message (chat) or the whole text prompt."""
-        return self.render(ex.question) if self.cfg.chat else self.text(ex)
+        """The question in prompt_template: the user message (chat), the whole prompt (plain text); what
+        samples.jsonl records."""
+        return self.cfg.prompt_template.format(prompt=ex.question)
 
     def prompt_ids(self, ex: Example, tokenizer) -> list[int]:
         if self.cfg.chat:
@@ -64,10 +55,7 @@ class Task:
                 raise TaskError("task.chat=true but the tokenizer has no chat template; set task.chat=false")
             return list(tokenizer.apply_chat_template(self.messages(ex), tokenize=True, add_generation_prompt=True,
                                                       return_dict=False))
-        return list(tokenizer(self.text(ex))["input_ids"])
-
-    def render(self, question: str) -> str:
-        return self.cfg.prompt_template.format(prompt=question)
+        return list(tokenizer(self.prompt(ex))["input_ids"])
 
 
 # --------------------------------------------------------------------------------------------------- scoring
@@ -87,7 +75,7 @@ def extract_number(text: str) -> Optional[str]:
 
 
 def numbers_equal(output: str, reference: str) -> bool:
-    """The gsm8k rule: extracted numbers are numerically equal ("18.00" == "18"); no number is wrong."""
+    """The `number` rule: extracted numbers are numerically equal ("18.00" == "18"); no number is wrong."""
     a, b = extract_number(output), extract_number(reference)
     if a is None or b is None:
         return False
@@ -115,17 +103,13 @@ def load(cfg: TaskConfig) -> Task:
     """Build the task named by cfg.name; examples cut to cfg.limit."""
     if cfg.limit is not None and cfg.limit < 1:
         raise TaskError(f"task.limit must be >= 1 or null, got {cfg.limit}")
-    if cfg.num_fewshot < 0:
-        raise TaskError(f"task.num_fewshot must be >= 0, got {cfg.num_fewshot}")
     if "{prompt}" not in cfg.prompt_template:
         raise TaskError(f"task.prompt_template must contain {{prompt}}, got {cfg.prompt_template!r}")
     if cfg.name == "demo":
         return _demo(cfg)
-    if cfg.name == "gsm8k":
-        return _gsm8k(cfg)
     if cfg.name == "jsonl":
         return _jsonl(cfg)
-    raise TaskError(f"task.name must be demo, gsm8k or jsonl, got {cfg.name!r}")
+    raise TaskError(f"task.name must be demo or jsonl (lm-eval's tasks: task=lm_eval), got {cfg.name!r}")
 
 
 def _demo(cfg: TaskConfig) -> Task:
@@ -134,7 +118,7 @@ def _demo(cfg: TaskConfig) -> Task:
     if cfg.limit is not None and cfg.limit > demo.HELD_OUT_SIZE:
         raise TaskError(f"task.limit={cfg.limit} exceeds the demo held-out set ({demo.HELD_OUT_SIZE} examples)")
     exs = demo.examples(cfg.limit or demo.HELD_OUT_SIZE, demo.HELD_OUT_SEED)
-    return Task("demo", [Example(i, e.prompt, e.answer) for i, e in enumerate(exs)], demo.score, [], cfg)
+    return Task("demo", [Example(i, e.prompt, e.answer) for i, e in enumerate(exs)], demo.score, cfg)
 
 
 def _jsonl(cfg: TaskConfig) -> Task:
@@ -142,22 +126,7 @@ def _jsonl(cfg: TaskConfig) -> Task:
         raise TaskError("task.path is required for task=jsonl (a file with one {prompt, answer} object per line)")
     rows = _read_jsonl(Path(cfg.path))
     exs = [_example(i, r, cfg, cfg.path) for i, r in enumerate(rows[:cfg.limit])]
-    return Task("jsonl", exs, scorer(cfg.scoring), [], cfg)
-
-
-def _gsm8k(cfg: TaskConfig) -> Task:
-    path = cfg.path or GSM8K_HUB_ID
-    rows = _dataset_rows(path, cfg.subset, cfg.split)
-    shots: list[tuple[str, str]] = []
-    if cfg.num_fewshot:
-        pool = (_dataset_rows(cfg.fewshot_path, None, cfg.fewshot_split) if cfg.fewshot_path
-                else _dataset_rows(path, cfg.subset, cfg.fewshot_split))
-        if len(pool) < cfg.num_fewshot:
-            raise TaskError(f"task.num_fewshot={cfg.num_fewshot} but the k-shot pool has {len(pool)} examples")
-        picked = random.Random(cfg.fewshot_seed).sample(range(len(pool)), cfg.num_fewshot)
-        shots = [(e.question, e.reference) for e in (_example(i, pool[i], cfg, "k-shot pool") for i in picked)]
-    exs = [_example(i, r, cfg, path) for i, r in enumerate(rows[:cfg.limit])]
-    return Task("gsm8k", exs, numbers_equal, shots, cfg)
+    return Task("jsonl", exs, scorer(cfg.scoring), cfg)
 
 
 def _example(i: int, row: dict, cfg: TaskConfig, where: str) -> Example:
@@ -179,28 +148,3 @@ def _read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise TaskError(f"{path}:{n}: not a JSON object: {e}") from e
     return rows
-
-
-def _dataset_rows(path: str, subset: Optional[str], split: str) -> list[dict]:
-    """Rows of one split: a single .jsonl/.json/.parquet file (the split itself), a local folder (with `subset`
-    as a subfolder, as in a copy of the Hub repo, or split-named files), or a Hub id."""
-    import datasets
-
-    p = Path(path).expanduser()
-    try:
-        if p.is_file():
-            kind = DATA_FILE_TYPES.get(p.suffix)
-            if kind is None:
-                raise TaskError(f"{p}: unknown data file type; use one of {sorted(DATA_FILE_TYPES)}")
-            ds = datasets.load_dataset(kind, data_files=str(p), split="train")
-        elif p.is_dir() and subset and (p / subset).is_dir():  # a local copy in the Hub layout (main/test-*.parquet)
-            ds = datasets.load_dataset(str(p), data_dir=subset, split=split)
-        else:
-            ds = datasets.load_dataset(path, subset, split=split)
-    except TaskError:
-        raise
-    except (FileNotFoundError, ValueError, ConnectionError) as e:
-        hint = " (no network? pass a local copy as task.path)" if isinstance(e, ConnectionError) else ""
-        raise TaskError(f"cannot load split {split!r} of dataset {path!r}"
-                        f"{f' ({subset})' if subset else ''}{hint}: {e}") from e
-    return [dict(r) for r in ds]

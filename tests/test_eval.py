@@ -303,13 +303,24 @@ def test_every_experiment_composes_for_the_gpu_command():
             cfg = OmegaConf.to_object(compose("eval", overrides=overrides))
             assert isinstance(cfg, EvalConfig)
             assert cfg.sampler.steps == cfg.sampler.gen_length == 256 and cfg.sampler.block_length == 32
-            assert (cfg.model.path, cfg.task.name, cfg.task.num_fewshot) == ("GSAI-ML/LLaDA-8B-Instruct", "gsm8k", 5)
+            assert (cfg.model.path, cfg.task.name, cfg.task.tasks, cfg.task.num_fewshot) == (
+                "GSAI-ML/LLaDA-8B-Instruct", "lm_eval", ["gsm8k"], 5)
         abl = compose("eval", overrides=["experiment=fast_dllm_ablation"], return_hydra_config=True)
         assert dict(abl.hydra.sweeper.params) == {"sampler.gen_length": "256,512", "sampler.cache": "none,prefix",
                                                   "sampler.threshold": "null,0.9"}
 
 
 # --------------------------------------------------------------------------------------------------- eval.py
+@pytest.mark.slow
+def test_gsm8k_offline_without_its_dataset_cached_fails_naming_it(tmp_path):
+    # task=gsm8k is lm-eval's gsm8k; an empty datasets cache stands for a machine that never downloaded it
+    p = eval_py(["task=gsm8k", "task.limit=2", "progress=false", f"output_dir={tmp_path / 'out'}"], tmp_path,
+                extra_env={"HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "empty")}, check=False)
+    err = p.stdout + p.stderr
+    assert p.returncode == 1, err[-2000:]
+    assert "lm-eval tasks ['gsm8k']: a dataset is not available offline" in err and "openai/gsm8k" in err
+
+
 @pytest.fixture(scope="module")
 def single(model_args, tmp_path_factory):
     """One uninterrupted, unsharded eval.py run: the reference the other slow tests compare against."""

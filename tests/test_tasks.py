@@ -1,24 +1,20 @@
-"""Evaluation tasks: answer extraction, the gsm8k task on local files in GSM8K's format, jsonl, demo (CPU, offline)."""
+"""Evaluation tasks: answer extraction, jsonl (also over a local copy of GSM8K), demo, and task=gsm8k as lm-eval's
+gsm8k (CPU, offline)."""
 
 import json
 
-import pandas as pd
-import pytest
+from pathlib import Path
 
-from llada_xp.config import TaskConfig
+import pytest
+from hydra import compose, initialize_config_dir
+
+from llada_xp.config import ConfigError, EvalConfig, TaskConfig, load as load_config, register
 from llada_xp.demo import task as demo
 from llada_xp.tasks import TaskError, extract_number, load, numbers_equal
 from tests import tiny
 
+ROOT = Path(__file__).resolve().parents[1]
 # GSM8K's format: "question", and "answer" = a worked solution with <<calculator>> notes ending in "#### N".
-TRAIN = [
-    {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
-     "answer": "He has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"},
-    {"question": "A shirt costs $1,200 and is discounted by $200. What does it cost?",
-     "answer": "It costs 1,200 - 200 = <<1200-200=1000>>1,000 dollars.\n#### 1,000"},
-    {"question": "It was 5 degrees and fell by 8. What is the temperature?",
-     "answer": "5 - 8 = <<5-8=-3>>-3\n#### -3"},
-]
 TEST = [
     {"question": "Ann reads 12 pages a day for 3 days. How many pages?", "answer": "12 * 3 = <<12*3=36>>36\n#### 36"},
     {"question": "Half of 5 liters?", "answer": "5 / 2 = <<5/2=2.5>>2.5\n#### 2.5"},
@@ -39,14 +35,14 @@ def offline(monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def gsm8k_files(tmp_path):
-    return write_jsonl(tmp_path / "test.jsonl", TEST), write_jsonl(tmp_path / "train.jsonl", TRAIN)
+def gsm8k_jsonl(tmp_path):
+    return write_jsonl(tmp_path / "test.jsonl", TEST)
 
 
-def gsm8k_cfg(**kw) -> TaskConfig:
-    base = dict(name="gsm8k", subset="main", num_fewshot=2, chat=True, prompt_template="Question: {prompt}\nAnswer:",
-                prompt_field="question", answer_field="answer", scoring="number")
-    return TaskConfig(**{**base, **kw})
+def composed(*overrides: str) -> EvalConfig:
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return load_config(compose("eval", overrides=list(overrides)), EvalConfig)
 
 
 # --- answer extraction ----------------------------------------------------------------------------------------------
@@ -81,64 +77,63 @@ def test_numbers_equal_compares_extracted_numbers(output, reference, ok):
     assert numbers_equal(output, reference) is ok
 
 
-# --- gsm8k ----------------------------------------------------------------------------------------------------------
+# --- gsm8k: lm-eval's task; a local copy through jsonl -------------------------------------------------------------
 
-def test_gsm8k_loads_local_jsonl_with_k_shot_from_train_and_a_limit(gsm8k_files):
-    test, train = gsm8k_files
-    t = load(gsm8k_cfg(path=str(test), fewshot_path=str(train), limit=2))
-    assert [e.question for e in t.examples] == [r["question"] for r in TEST[:2]]
-    assert [e.index for e in t.examples] == [0, 1]
-    assert len(t.shots) == 2 and all((q, a) in [(r["question"], r["answer"]) for r in TRAIN] for q, a in t.shots)
-    assert t.shots == load(gsm8k_cfg(path=str(test), fewshot_path=str(train))).shots  # the seed fixes the shots
-    msgs = t.messages(t.examples[0])
-    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
-    assert msgs[-1]["content"] == f"Question: {TEST[0]['question']}\nAnswer:"
-    assert msgs[1]["content"] == t.shots[0][1]
+def test_task_gsm8k_is_lm_evals_gsm8k_five_shot_with_the_chat_template():
+    t = composed("task=gsm8k").task
+    assert (t.name, t.tasks, t.num_fewshot, t.apply_chat_template, t.fewshot_as_multiturn) == (
+        "lm_eval", ["gsm8k"], 5, True, True)
+    assert t.limit is None and t.gen_kwargs == {} and t.include_path is None
+    base = composed("task=gsm8k", "task.apply_chat_template=false", "task.limit=2").task
+    assert (base.apply_chat_template, base.limit, base.tasks) == (False, 2, ["gsm8k"])
 
 
-def test_gsm8k_loads_a_local_copy_of_the_hub_layout_and_parquet(tmp_path):
-    (tmp_path / "gsm8k" / "main").mkdir(parents=True)
-    pd.DataFrame(TEST).to_parquet(tmp_path / "gsm8k" / "main" / "test-00000-of-00001.parquet")
-    pd.DataFrame(TRAIN).to_parquet(tmp_path / "gsm8k" / "main" / "train-00000-of-00001.parquet")
-    t = load(gsm8k_cfg(path=str(tmp_path / "gsm8k"), num_fewshot=3))
-    assert [e.reference for e in t.examples] == [r["answer"] for r in TEST]
-    assert sorted(q for q, _ in t.shots) == sorted(r["question"] for r in TRAIN)
+@pytest.mark.parametrize("override, instead", [
+    ("task.path=/data/gsm8k", "task.include_path"),
+    ("task.chat=false", "task.apply_chat_template"),
+    ("task.scoring=number", "task.include_path"),
+    ("task.stop=[Question:]", "task.gen_kwargs"),
+])
+def test_options_of_the_former_gsm8k_task_are_refused_naming_lm_evals(override, instead):
+    with pytest.raises(ConfigError, match=f"{override.split('=')[0]} is not used by task=lm_eval; use .*{instead}"):
+        composed("task=gsm8k", override)
 
 
-def test_gsm8k_scores_by_final_number(gsm8k_files):
-    t = load(gsm8k_cfg(path=str(gsm8k_files[0]), num_fewshot=0))
-    refs = [e.reference for e in t.examples]
+def test_num_fewshot_is_refused_by_the_built_in_tasks(gsm8k_jsonl):
+    with pytest.raises(ConfigError, match="task.num_fewshot is an option of task=lm_eval; task=jsonl does not use it"):
+        composed("task=jsonl", f"task.path={gsm8k_jsonl}", "task.num_fewshot=5")
+
+
+def test_a_local_gsm8k_jsonl_runs_as_jsonl_scored_by_final_number(gsm8k_jsonl):
+    # the README's command
+    t = load(composed("task=jsonl", f"task.path={gsm8k_jsonl}", "task.prompt_field=question", "task.scoring=number",
+                      "task.limit=2").task)
+    assert [(e.index, e.question, e.reference) for e in t.examples] == [
+        (i, r["question"], r["answer"]) for i, r in enumerate(TEST[:2])]
+    refs = [r["answer"] for r in TEST]
     assert t.score("12 * 3 = 36. The answer is 36.", refs[0])
     assert t.score("#### 2.50", refs[1])
     assert t.score("He earns $3,000.", refs[2])
     assert not t.score("He earns $1,500 a week.", refs[2])
 
 
-def test_gsm8k_chat_prompt_uses_the_tokenizer_chat_template(gsm8k_files):
+def test_chat_prompt_is_the_tokenizers_chat_template_over_the_templated_question(gsm8k_jsonl):
     tok = tiny.tokenizer()
-    t = load(gsm8k_cfg(path=str(gsm8k_files[0]), fewshot_path=str(gsm8k_files[1]), num_fewshot=1))
+    t = load(TaskConfig(name="jsonl", path=str(gsm8k_jsonl), prompt_field="question", system_prompt="Be brief.",
+                        prompt_template="Question: {prompt}\nAnswer:"))
     ids = t.prompt_ids(t.examples[0], tok)
-    assert ids == tok.apply_chat_template(t.messages(t.examples[0]), tokenize=True, add_generation_prompt=True,
-                                          return_dict=False)
-    text = tok.decode(ids)
-    assert text.count("<|start_header_id|>") == 4 and text.endswith("<|end_header_id|>")
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"Question: {TEST[0]['question']}\nAnswer:"}]
+    assert t.messages(t.examples[0]) == msgs
+    assert ids == tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
 
 
-def test_plain_prompt_for_base_models_joins_shots_and_question(gsm8k_files):
-    t = load(gsm8k_cfg(path=str(gsm8k_files[0]), fewshot_path=str(gsm8k_files[1]), num_fewshot=1, chat=False))
-    q, a = t.shots[0]
-    assert t.text(t.examples[0]) == f"Question: {q}\nAnswer: {a}\n\nQuestion: {TEST[0]['question']}\nAnswer:"
-    assert t.prompt(t.examples[0]) == t.text(t.examples[0])
-
-
-def test_gsm8k_errors_name_the_problem(gsm8k_files, tmp_path):
-    test, train = gsm8k_files
-    with pytest.raises(TaskError, match="num_fewshot=5 but the k-shot pool has 3"):
-        load(gsm8k_cfg(path=str(test), fewshot_path=str(train), num_fewshot=5))
-    with pytest.raises(TaskError, match="no field 'question'"):
-        load(gsm8k_cfg(path=str(write_jsonl(tmp_path / "bad.jsonl", [{"q": "x", "answer": "1"}])), num_fewshot=0))
-    with pytest.raises(TaskError, match="no network"):
-        load(gsm8k_cfg(path="openai/gsm8k", num_fewshot=0))  # HF_HUB_OFFLINE=1
+def test_plain_prompt_for_base_models_is_the_templated_question(gsm8k_jsonl):
+    tok = tiny.tokenizer()
+    t = load(TaskConfig(name="jsonl", path=str(gsm8k_jsonl), prompt_field="question", chat=False,
+                        prompt_template="Question: {prompt}\nAnswer:"))
+    assert t.prompt(t.examples[0]) == f"Question: {TEST[0]['question']}\nAnswer:"
+    assert t.prompt_ids(t.examples[0], tok) == tok(t.prompt(t.examples[0]))["input_ids"]
 
 
 # --- jsonl and demo -------------------------------------------------------------------------------------------------
@@ -160,8 +155,12 @@ def test_jsonl_task_errors_name_the_file_or_setting(tmp_path):
         load(TaskConfig(name="jsonl", path=str(bad)))
     with pytest.raises(TaskError, match="task.scoring"):
         load(TaskConfig(name="jsonl", path=str(write_jsonl(tmp_path / "ok.jsonl", [])), scoring="fuzzy"))
+    with pytest.raises(TaskError, match="row 0 has no field 'prompt'.*task.prompt_field"):
+        load(TaskConfig(name="jsonl", path=str(write_jsonl(tmp_path / "q.jsonl", [{"question": "x", "answer": "1"}]))))
     with pytest.raises(TaskError, match="task.name"):
         load(TaskConfig(name="mmlu"))
+    with pytest.raises(TaskError, match=r"task.name must be demo or jsonl \(lm-eval's tasks: task=lm_eval\)"):
+        load(TaskConfig(name="gsm8k"))  # conf/task/gsm8k.yaml composes to name=lm_eval
     with pytest.raises(TaskError, match="task.path is required"):
         load(TaskConfig(name="jsonl"))
 
