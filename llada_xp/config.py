@@ -1,7 +1,8 @@
 """Typed configuration: the dataclass schemas that conf/*.yaml extend, registered in Hydra's ConfigStore.
 
-The only place defaults live. Code below the entry points receives these dataclasses (OmegaConf.to_object), never
-a DictConfig. Importing this module does not touch Hydra; `register()` does.
+The only place defaults live, and where values are checked (`check()` of each dataclass). The entry points turn the
+composed config into these dataclasses with `load` (unknown keys and bad values are a ConfigError naming the key);
+code below them never sees a DictConfig. Imports nothing of ours; importing it does not touch Hydra, `register()` does.
 """
 
 from __future__ import annotations
