@@ -31,7 +31,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 
 from llada_xp.config import EvalConfig, SamplerConfig
-from llada_xp.sampler import Request, Result, Sampler, SpecialIds
+from llada_xp.sampler import Request, Sampler, SpecialIds
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class LladaLM(LM):
                 batch_id = uuid.uuid4().hex[:8]
                 results = self.sampler.generate([Request(prompts[i], settings[i]) for i in batch])
                 for i, res in zip(batch, results):
-                    out[i] = self._text(res)
+                    out[i] = res.text  # decoded and cut at the stop string by the sampler
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])  # resume: kept at once
                     st = res.stats
                     self.records.append(dict(request=i, task=requests[i].task_name, doc_id=requests[i].doc_id,
@@ -162,12 +162,6 @@ class LladaLM(LM):
                                              forward_s=st.forward_s, batch=batch_id, threads=self.threads))
                 self.progress(len(batch))
         return out  # type: ignore[return-value]
-
-    def _text(self, res: Result) -> str:
-        text = self.tokenizer.decode(res.tokens, skip_special_tokens=True)
-        if isinstance(res.stop, str) and res.stop in text:
-            text = text[:text.find(res.stop)]
-        return text
 
     # ------------------------------------------------------------------ likelihood
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -67,8 +67,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def set_threads(threads: int | None, parameters: int) -> int:
     """Apply model.threads (None = auto: 1 for a small model, else torch's default); return the count in use."""
-    if threads is not None and threads < 1:
-        raise ModelLoadError(f"model.threads must be >= 1 or null (auto), got {threads}")
     if threads is None and parameters < SMALL_MODEL:
         threads = 1
     if threads is not None:
@@ -113,6 +111,10 @@ def load_model(cfg: ModelConfig) -> Loaded:
 
     import llada_xp  # noqa: F401  (registers model_type "llada")
 
+    try:
+        cfg.check()  # the entry points checked it already; callers of the Python API may not have
+    except ValueError as e:
+        raise ModelLoadError(f"model.{e}") from None
     path = resolve_path(cfg)
     local = _looks_local(path)
     if local and not Path(path).expanduser().is_dir():
