@@ -265,3 +265,36 @@ def test_config_json_we_write_lists_every_architecture_field(tmp_path):
                   "n_kv_heads", "mlp_hidden_size", "scale_logits"):
         assert field in cfg, field
     assert cfg["block_type"] == "llama" and cfg["weight_tying"] is False and cfg["rope"] is True
+
+
+def test_special_ids_come_from_config_then_generation_config_then_tokenizer_and_overrides_win(tmp_path):
+    tok = tiny.tokenizer()
+    v = tok.get_vocab()
+    write_checkpoint(tmp_path, {})
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for k in ("mask_token_id", "eos_token_id", "pad_token_id"):
+        del cfg[k]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ids = load_model(ModelConfig(source="hf", path=str(tmp_path))).info.ids  # from the tokenizer
+    assert (ids.mask, ids.eos, ids.eot, ids.pad) == (v["<|mdm_mask|>"], v["<|endoftext|>"], v["<|eot_id|>"],
+                                                     v["<|endoftext|>"])
+    (tmp_path / "generation_config.json").write_text(json.dumps(dict(mask_token_id=7, eos_token_id=[9, 10],
+                                                                     pad_token_id=11)))
+    ids = load_model(ModelConfig(source="hf", path=str(tmp_path))).info.ids
+    assert (ids.mask, ids.eos, ids.pad) == (7, 9, 11)
+    cfg.update(mask_token_id=12, eos_token_id=13)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ids = load_model(ModelConfig(source="hf", path=str(tmp_path))).info.ids
+    assert (ids.mask, ids.eos, ids.pad) == (12, 13, 11)
+    over = ModelConfig(source="hf", path=str(tmp_path), mask_token_id=20, eos_token_id=21, eot_token_id=22,
+                       pad_token_id=23)
+    ids = load_model(over).info.ids
+    assert (ids.mask, ids.eos, ids.eot, ids.pad) == (20, 21, 22, 23)
+
+
+def test_a_mask_id_outside_the_embedding_or_equal_to_eos_is_refused(tmp_path):
+    c, _ = write_checkpoint(tmp_path, {})
+    with pytest.raises(ModelLoadError, match=r"mask id 999 is outside the model's \d+ embedding rows"):
+        load_model(ModelConfig(source="hf", path=str(tmp_path), mask_token_id=999))
+    with pytest.raises(ModelLoadError, match="set model.mask_token_id"):
+        load_model(ModelConfig(source="hf", path=str(tmp_path), mask_token_id=c["eos_token_id"]))
