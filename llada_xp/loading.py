@@ -142,6 +142,35 @@ def _generation_config(path: str, kw: dict) -> dict:
         return {}
 
 
+HEAD, WTE = "model.transformer.ff_out.weight", "model.transformer.wte.weight"
+
+
+def _tied_head(model: LLaDAModelLM, path: str, kw: dict, missing: set, where: str) -> None:
+    """weight_tying with an LM head in the checkpoint: the reference code ties ff_out to wte, and saving such a model
+    keeps either name, or both. The head stands in for a missing wte; beside wte it must equal it."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **kw)
+    name = json.loads(Path(index).read_text())["weight_map"][HEAD] if index else "model.safetensors"
+    try:
+        with safe_open(cached_file(path, name, **kw), framework="pt") as f:
+            head = f.get_tensor(HEAD)
+    except (OSError, KeyError) as e:
+        raise ModelLoadError(f"{where}: cannot read {HEAD} (weight_tying is true): {e}") from e
+    wte = model.transformer.wte.weight
+    if head.shape != wte.shape:
+        raise ModelLoadError(f"{where}: weight_tying is true but {HEAD} {tuple(head.shape)} is not shaped like "
+                             f"the embedding {tuple(wte.shape)}")
+    with torch.no_grad():
+        if WTE in missing:
+            wte.copy_(head)
+            missing.discard(WTE)
+        elif not torch.equal(head.to(wte.dtype), wte):
+            raise ModelLoadError(f"{where}: weight_tying is true but the checkpoint's LM head {HEAD} differs from its "
+                                 f"embedding {WTE}")
+
+
 def load_model(cfg: ModelConfig) -> Loaded:
     """Load model + tokenizer for a model config; raise ModelLoadError with the reason on any failure."""
     from transformers import AutoTokenizer
@@ -175,10 +204,13 @@ def load_model(cfg: ModelConfig) -> Loaded:
                                                    ignore_mismatched_sizes=True, **kw)  # reported below, by name
     except OSError as e:
         raise ModelLoadError(f"cannot load weights from {where}: {e}") from e
+    missing, unexpected = set(info.get("missing_keys", [])), set(info.get("unexpected_keys", []))
+    if config.weight_tying and HEAD in unexpected:
+        _tied_head(model, path, kw, missing, where)
+        unexpected.discard(HEAD)
     mis = [f"{k} (checkpoint {tuple(a)}, config {tuple(b)})" for k, a, b in info.get("mismatched_keys", [])]
     problems = [f"{name}: {', '.join(sorted(v))}" for name, v in (
-        ("missing", info.get("missing_keys", [])), ("unexpected", info.get("unexpected_keys", [])), ("mis-shaped", mis))
-        if v]
+        ("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis)) if v]
     if problems:
         raise ModelLoadError(f"weights in {where} do not match its config.json — " + "; ".join(problems))
     try:

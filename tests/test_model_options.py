@@ -298,3 +298,21 @@ def test_a_mask_id_outside_the_embedding_or_equal_to_eos_is_refused(tmp_path):
         load_model(ModelConfig(source="hf", path=str(tmp_path), mask_token_id=999))
     with pytest.raises(ModelLoadError, match="set model.mask_token_id"):
         load_model(ModelConfig(source="hf", path=str(tmp_path), mask_token_id=c["eos_token_id"]))
+
+
+@pytest.mark.parametrize("keys", ["head_only", "both"])
+def test_a_tied_checkpoint_saved_with_the_lm_head_name_loads(tmp_path, keys):
+    """The reference code ties ff_out to wte; saving keeps either name or both."""
+    c, w = write_checkpoint(tmp_path, dict(weight_tying=True))
+    saved = dict(w)
+    saved[P + "ff_out.weight"] = w[P + "wte.weight"].clone()
+    if keys == "head_only":
+        del saved[P + "wte.weight"]
+    save_file(saved, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    m = load_model(ModelConfig(source="hf", path=str(tmp_path), dtype="float64")).model
+    torch.testing.assert_close(m(torch.tensor([[4, 5, 6]])).logits[0], reference_logits(c, w, [4, 5, 6]),
+                               rtol=1e-10, atol=1e-10)
+    saved[P + "wte.weight"] = w[P + "wte.weight"] + 1
+    save_file(saved, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="LM head model.transformer.ff_out.weight differs from its embedding"):
+        load_model(ModelConfig(source="hf", path=str(tmp_path)))
