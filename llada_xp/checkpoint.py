@@ -5,7 +5,8 @@ loading.py loads like any other: config.json from the base model, safetensors st
 about one tensor), the checkpoint's own tokenizer when it has one, and a provenance file. Cached conversions are keyed
 by the checkpoint's fingerprint and the base model, written to a temporary folder and renamed under a file lock.
 Also writes DCP checkpoints from HF folders (`python -m llada_xp.checkpoint to-dcp SRC DST`).
-Knows nothing about sampling, serving or Hydra.
+Knows nothing about sampling, serving or Hydra, and imports nothing of loading.py (which imports this module for
+model=dcp).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from torch.distributed.checkpoint import (CheckpointException, DefaultLoadPlanne
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from llada_xp.config import ConvertConfig, ModelConfig
-from llada_xp.loading import DTYPES, ModelLoadError, _looks_local
 from llada_xp.model import LLaDAConfig, LLaDAModelLM
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,19 @@ SEARCH = ("", "model", "weights", "weights/model", "policy/weights", "policy/wei
 ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
              torch.bool: "BOOL"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-class CheckpointError(ModelLoadError):
-    """A checkpoint cannot be found, read, checked or converted; the message names the cause."""
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be found, read, checked or converted; the message names the cause (loading.py raises it
+    as a ModelLoadError)."""
+
+
+def looks_local(path: str) -> bool:
+    """A folder path rather than a Hub id (org/name)."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") != 1
 
 
 @dataclass(frozen=True)
@@ -147,7 +154,7 @@ def resolve_base(name: Optional[str], revision: Optional[str] = None) -> Base:
     if not name:
         raise CheckpointError("model.base_model is required for a DCP checkpoint: the Hugging Face model "
                               "(Hub id or folder) it was trained from, which provides config.json")
-    if _looks_local(name):
+    if looks_local(name):
         folder = Path(name).expanduser().resolve()
         if not folder.is_dir():
             raise CheckpointError(f"base model folder not found: {name}")
@@ -177,6 +184,7 @@ def resolve_base(name: Optional[str], revision: Optional[str] = None) -> Base:
                               "not LLaDA")
     try:
         config = LLaDAConfig.from_dict(d)
+        config.check()
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"base model {name}: invalid config.json: {e}") from e
     return Base(name, folder, raw, config, revision)
@@ -192,7 +200,7 @@ def _load_tokenizer(layout: Layout, base: Base):
 
     import llada_xp  # noqa: F401  (registers model_type "llada", which AutoTokenizer may look up)
 
-    src = str(layout.tokenizer) if layout.tokenizer else (str(base.folder) if _looks_local(base.name) else base.name)
+    src = str(layout.tokenizer) if layout.tokenizer else (str(base.folder) if looks_local(base.name) else base.name)
     kw = dict(revision=base.revision) if base.revision and not layout.tokenizer else {}
     try:
         return AutoTokenizer.from_pretrained(src, **kw), src
@@ -204,7 +212,7 @@ def _load_tokenizer(layout: Layout, base: Base):
 def _tokenizer_config(src: str, base: Base) -> Optional[Path]:
     """The tokenizer source's own tokenizer_config.json, if it has one: save_pretrained writes the loaded tokenizer's
     init kwargs, which include what from_pretrained added (local_files_only, is_local)."""
-    if _looks_local(src):
+    if looks_local(src):
         path = Path(src) / "tokenizer_config.json"
         return path if path.is_file() else None
     from huggingface_hub import try_to_load_from_cache
@@ -502,7 +510,7 @@ def _convert_into(dest: Path, layout: Layout, base: Base, fp: str, key: str, dty
         _copy_code(base, config, tmp)
         provenance = dict(
             source=str(layout.dcp), layout=layout.kind, wrapped=wrapped, fingerprint=fp, key=key,
-            base_model=str(base.folder) if _looks_local(base.name) else base.name, base_revision=base.revision,
+            base_model=str(base.folder) if looks_local(base.name) else base.name, base_revision=base.revision,
             base_config_sha256=hashlib.sha256(base.config_json).hexdigest(), tokenizer=tok_src,
             dtype=str(main_dtype).removeprefix("torch."), tensors=len(names), bytes=total,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -541,7 +549,7 @@ def cache_root(cache_dir: Optional[str] = None) -> Path:
 
 
 def _key(fp: str, base: Base, dtype: Optional[torch.dtype]) -> str:
-    where = str(base.folder) if _looks_local(base.name) else base.name  # ./base, base and /abs/base: one entry
+    where = str(base.folder) if looks_local(base.name) else base.name  # ./base, base and /abs/base: one entry
     parts = [FORMAT, fp, where, base.revision, hashlib.sha256(base.config_json).hexdigest(), str(dtype)]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
@@ -634,7 +642,8 @@ def run(cfg: ConvertConfig) -> Path:
     """convert.py: to cfg.output, or into the cache when it is None."""
     m = cfg.model
     if m.source != "dcp":
-        raise CheckpointError(f"convert.py converts DCP checkpoints: use model=dcp (got model.source={m.source!r})")
+        raise CheckpointError(f"convert.py converts DCP checkpoints (model=dcp), or merges an adapter into any "
+                              f"model (model.adapter=...); got model.source={m.source!r} and no adapter")
     if cfg.output is None:
         return converted_folder(m, cfg.dtype, cfg.max_shard_size)
     if not m.path:

@@ -66,9 +66,21 @@ class ModelConfig:
     # (the demo, tiny test models: splitting their small matmuls costs more than it saves, 3.5-15x slower on a
     # loaded 2-core machine), else torch's default (the cores available). Recorded in metrics.json and /health
     threads: Optional[int] = None
+    # A PEFT adapter (LoRA; a folder or Hub id) merged into the weights at load time: serve and eval run the merged
+    # model, convert.py writes it (with output=). Needs the lora extra (pip install 'llada-xp[lora]'). None = none
+    adapter: Optional[str] = None
+    # Special-id overrides for checkpoints that lack them (or get them wrong). None = from the model: config.json,
+    # then generation_config.json, then the tokenizer (mask: its mask token or <|mdm_mask|>; EoT: <|eot_id|>;
+    # pad: else EOS). The sampler decodes with the mask id, cuts answers at EOS/EoT and left-pads with pad
+    mask_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    eot_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
 
     def check(self) -> None:
         _one_of("source", self.source, SOURCES)
+        for name in ("mask_token_id", "eos_token_id", "eot_token_id", "pad_token_id"):
+            _at_least(name, getattr(self, name), 0, optional=True)
         # (a group file's `path: ???` cannot override the schema's None: Hydra keeps the typed default)
         if self.source in ("hf", "dcp") and not self.path:
             raise ValueError(f"path is required for source={self.source} (pass model.path=...)")

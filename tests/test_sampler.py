@@ -16,14 +16,25 @@ from tests import tiny
 ids_of = tiny.ids_of
 
 
-@pytest.fixture(scope="module")
-def flat():
-    return tiny.model(seed=11)  # random weights: near-uniform confidences
+# Every test of flat / sharp runs on LLaDA-8B's architecture and on a grouped-query (2 query heads per KV head) model
+# with tied embeddings (iLLaDA's shape): the KV cache then holds n_kv_heads heads. Sharpening the tied model's logits
+# 60x leaves no randomness at all (its hidden states stay close to the mask's embedding): it gets 8x.
+ARCHS = {"mha": dict(sharpen=60.0), "gqa_tied": dict(n_kv_heads=2, weight_tying=True, sharpen=8.0)}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def arch(request):
+    return ARCHS[request.param]
 
 
 @pytest.fixture(scope="module")
-def sharp():
-    return tiny.model(seed=12, sharpen=60.0)  # peaked confidences: threshold/factor commit several per step
+def flat(arch):
+    return tiny.model(seed=11, **dict(arch, sharpen=1.0))  # random weights: near-uniform confidences
+
+
+@pytest.fixture(scope="module")
+def sharp(arch):
+    return tiny.model(seed=12, **arch)  # peaked confidences: threshold/factor commit several per step
 
 
 @pytest.fixture(scope="module")

@@ -47,9 +47,10 @@ def model(seed: int = 0, dtype=torch.float64, sharpen: float = 1.0, eos_boost: f
     eos_boost > 1 scales the EOS row so answers end early (early stop has something to save)."""
     torch.manual_seed(seed)
     m = LLaDAModelLM(config(**kw)).to(dtype).eval()
-    with torch.no_grad():
-        m.transformer.ff_out.weight.mul_(sharpen)
-        m.transformer.ff_out.weight[m.config.eos_token_id].mul_(eos_boost)
+    t = m.transformer
+    with torch.no_grad():  # tied embeddings: sharpen through ln_f, which feeds only the LM head
+        (t.ln_f if m.config.weight_tying else t.ff_out).weight.mul_(sharpen)
+        (t.wte if m.config.weight_tying else t.ff_out).weight[m.config.eos_token_id].mul_(eos_boost)
     return m
 
 
