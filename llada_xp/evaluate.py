@@ -217,9 +217,12 @@ def config_key(cfg: EvalConfig) -> str:
     """A hash of what decides the samples (model, sampler, task): resumed and merged samples must share it.
 
     model.threads is left out: it changes speed, not samples (a resume on another thread count keeps its samples;
-    each sample records its threads, and summarize says when a result's speed mixes thread counts)."""
+    each sample records its threads, and summarize says when a result's speed mixes thread counts). Fields left at
+    None (unset / automatic) are left out too, so a release that adds an optional field keeps earlier runs
+    resumable."""
     what = {k: dataclasses.asdict(getattr(cfg, k)) for k in ("model", "sampler", "task")}
     what["model"].pop("threads")
+    what = {k: {f: v for f, v in group.items() if v is not None} for k, group in what.items()}
     return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 

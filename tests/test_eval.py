@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from llada_xp.config import ConfigError, EvalConfig, LoggerConfig, ModelConfig, SamplerConfig, TaskConfig, register
-from llada_xp.evaluate import (METRICS, SAMPLES, TIMING_FIELDS, EvalError, evaluate, merge, read_samples, run,
+from llada_xp.evaluate import (METRICS, SAMPLES, TIMING_FIELDS, EvalError, config_key, evaluate, merge, read_samples, run,
                                shard_batches, summarize)
 from llada_xp.loading import special_ids
 from llada_xp.sampler import Request, Sampler
@@ -217,6 +217,14 @@ def test_resume_on_another_thread_count_keeps_the_samples_and_says_the_speed_mix
     assert [r["threads"] for r in read_samples(tmp_path / SAMPLES)] == [1] * 4 + [2] * (LIMIT - 4)
     assert m["threads"] == [1, 2]  # tokens/s mixes two thread counts, and says so
     assert summarize(read_samples(tmp_path / SAMPLES)[4:])["threads"] == 2
+
+
+def test_config_key_ignores_unset_fields_so_new_optional_fields_keep_runs_resumable(tiny_dir, tmp_path):
+    cfg = tiny_cfg(tiny_dir, tmp_path)
+    key = config_key(cfg)
+    assert config_key(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, adapter=None))) == key
+    assert config_key(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mask_token_id=7))) != key
+    assert config_key(dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, threshold=None))) != key
 
 
 def test_resume_refuses_samples_of_another_configuration(tiny_dir, tmp_path):
