@@ -366,8 +366,8 @@ class EvalConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     # Prompts per sampler batch (batches are fixed slices of the length-sorted examples)
     batch_size: int = 16
-    # Data-parallel sharding: this job evaluates every num_shards-th batch starting at shard_index;
-    # `python -m llada_xp.evaluate merge` joins the shards' output dirs
+    # Data-parallel sharding: this job evaluates every num_shards-th batch starting at shard_index (task=lm_eval:
+    # every num_shards-th document of each task); `python -m llada_xp.evaluate merge` joins the shards' output dirs
     shard_index: int = 0
     num_shards: int = 1
     # Where metrics.json and samples.jsonl go; None = Hydra's output dir
@@ -383,8 +383,6 @@ class EvalConfig:
         _at_least("batch_size", self.batch_size, 1)
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}), got {self.shard_index}")
-        if self.task.name == "lm_eval" and self.num_shards > 1:
-            raise ValueError("num_shards > 1 is not supported with task=lm_eval yet (lm-eval runs a task whole)")
 
 
 Schema = TypeVar("Schema")

@@ -2,8 +2,8 @@
 
 Writes into the output dir samples.jsonl (one line per sample, appended as it finishes; a restart on the same dir
 continues where it stopped) and metrics.json (accuracy, speed, NFE, latency, torch threads, fingerprint, resolved
-config), and logs to W&B when logger=wandb. Shards evaluate disjoint batches; `merge` joins their dirs. Knows
-nothing about Hydra (eval.py) or sweeps (report.py); never decodes by itself (sampler.py does).
+config), and logs to W&B when logger=wandb. Shards evaluate disjoint batches (task=lm_eval: documents); `merge` joins
+their dirs. Knows nothing about Hydra (eval.py) or sweeps (report.py); never decodes by itself (sampler.py does).
 
     python -m llada_xp.evaluate merge --out DIR SHARD_DIR [SHARD_DIR ...]
 """
@@ -36,6 +36,7 @@ from llada_xp.sampler import Finished, Request, Sampler
 log = logging.getLogger(__name__)
 
 SAMPLES, METRICS = "samples.jsonl", "metrics.json"
+GENERATIONS = "generations.jsonl"  # task=lm_eval: the sampler's stats of each generation request (the speed figures)
 LM_EVAL_CACHE = "lm_eval_cache_"  # task=lm_eval: lm-eval's request cache, + the config key (+ "_rank0.db")
 # Sample fields that differ between identical runs (everything else is reproducible)
 TIMING_FIELDS = ("latency_s", "forward_s", "batch")
@@ -135,15 +136,15 @@ def _run(cfg: EvalConfig, task: tasks.Task, out: Path, logger) -> dict:
 
 def _run_lm_eval(cfg: EvalConfig, out: Path, logger) -> dict:
     """task=lm_eval: lm-eval's tasks through our model (lm_eval_adapter.py); every metric lm-eval reports, the speed
-    of the generation requests, one samples.jsonl line per (sample, filter). Resume: lm-eval's request cache in the
-    output dir, named by the config key (a rerun answers the requests it holds; resume=false deletes it)."""
+    of the generation requests (their stats in generations.jsonl), one samples.jsonl line per (sample, filter).
+    Resume: lm-eval's request cache in the output dir, named by the config key (a rerun answers the requests it
+    holds; resume=false deletes it). A shard evaluates every num_shards-th document of each task."""
     from llada_xp import lm_eval_adapter
 
     loaded = load_model(cfg.model)
     fp = fingerprint(loaded.info)
     logger.update_config(fingerprint=fp)
     key = config_key(cfg)
-    path = out / SAMPLES
     cache = out / f"{LM_EVAL_CACHE}{key}"
     db = Path(f"{cache}_rank0.db")  # the name lm-eval gives it
     if not cfg.resume:
@@ -163,25 +164,32 @@ def _run_lm_eval(cfg: EvalConfig, out: Path, logger) -> dict:
     bar = tqdm(desc=f"eval lm_eval {','.join(cfg.task.tasks)}", unit="generation", disable=not cfg.progress)
     with bar:
         results, records, lm = lm_eval_adapter.run_tasks(cfg, loaded, progress=bar.update, cache=str(cache))
-    with open(path.with_suffix(".tmp"), "w") as f:
-        for r in records:
-            f.write(json.dumps(dict(r, key=key), default=str) + "\n")
-    path.with_suffix(".tmp").replace(path)
-    primary = next((k for k in results if "/" in k and "_stderr/" not in k), None)
-    # accuracy (what sweeps, reports and plots read): lm-eval's first metric of the first task, named beside it
-    metrics = dict(results, accuracy=results.get(primary), accuracy_metric=primary)
-    metrics.update(n=len({(r["task"], r["index"]) for r in records}), generation_requests=len(lm.records))
-    if lm.records:
-        metrics.update(speed(lm.records))
-    if lm.likelihood["loglikelihood_requests"]:
-        metrics.update(lm.likelihood)
+    for name, rows in ((SAMPLES, [dict(r, key=key) for r in records]), (GENERATIONS, lm.records)):
+        with open((out / name).with_suffix(".tmp"), "w") as f:
+            f.write("".join(json.dumps(r, default=str) + "\n" for r in rows))
+        (out / name).with_suffix(".tmp").replace(out / name)
+    metrics = _lm_eval_metrics(results, records, lm.records, lm.likelihood)
     metrics.update(complete=True, expected=metrics["n"], resumed=resumed, task="lm_eval:" + ",".join(cfg.task.tasks),
-                   model=loaded.info.name, shard=dict(index=0, num_shards=1), key=key, wandb=logger.info(),
-                   fingerprint=fp, config=dataclasses.asdict(cfg))
+                   model=loaded.info.name, shard=dict(index=cfg.shard_index, num_shards=cfg.num_shards), key=key,
+                   wandb=logger.info(), fingerprint=fp, config=dataclasses.asdict(cfg))
     write_json(out / METRICS, metrics)
     logger.log(metrics, records)
     log.info("%s on %s: %s -> %s", loaded.info.name, metrics["task"],
              ", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float) and "_stderr/" not in k), out)
+    return metrics
+
+
+def _lm_eval_metrics(results: dict, records: list[dict], generations: list[dict], likelihood: dict) -> dict:
+    """metrics.json's numbers of task=lm_eval (a run, a shard or merged shards): lm-eval's metrics, `accuracy` (what
+    sweeps, reports and plots read: lm-eval's first metric of the first task, named by `accuracy_metric`), documents,
+    and the speed of the generation and likelihood requests."""
+    primary = next((k for k in results if "/" in k and "_stderr/" not in k), None)
+    metrics = dict(results, accuracy=results.get(primary), accuracy_metric=primary)
+    metrics.update(n=len({(r["task"], r["index"]) for r in records}), generation_requests=len(generations))
+    if generations:
+        metrics.update(speed(generations))
+    if likelihood["loglikelihood_requests"]:
+        metrics.update(likelihood)
     return metrics
 
 
@@ -312,7 +320,7 @@ def merge(shard_dirs: list[Path], out: Path) -> dict:
     """Join the output dirs of all shards of one evaluation into `out` (samples.jsonl by index + metrics.json)."""
     records, metrics = join(shard_dirs)
     out.mkdir(parents=True, exist_ok=True)
-    (out / SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / SAMPLES).write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
     metrics["config"]["output_dir"] = str(out)
     write_json(out / METRICS, metrics)
     return metrics
@@ -339,16 +347,53 @@ def join(shard_dirs: list[Path]) -> tuple[list[dict], dict]:
         if not m["complete"]:
             raise EvalError(f"merge: shard {m['shard']['index']} in {d} is incomplete ({m['n']}/{m['expected']}); "
                             f"rerun it on the same dir to finish")
+    shard_dirs, metas = zip(*sorted(zip(shard_dirs, metas), key=lambda dm: dm[1]["shard"]["index"]))
     records = [r for d in shard_dirs for r in read_samples(Path(d) / SAMPLES)]
-    seen = [r["index"] for r in records]
+    lm_eval = metas[0]["config"]["task"]["name"] == "lm_eval"
+    seen = [(r["task"], r["filter"], r["index"]) if lm_eval else r["index"] for r in records]
     if len(seen) != len(set(seen)):
         raise EvalError("merge: a sample index appears in more than one shard")
-    records.sort(key=lambda r: r["index"])
+    if lm_eval:
+        records, metrics = _join_lm_eval(shard_dirs, metas, records)
+    else:
+        records.sort(key=lambda r: r["index"])
+        metrics = summarize(records)
     config = dict(metas[0]["config"], shard_index=0, num_shards=1, output_dir=None)
-    metrics = summarize(records)
-    metrics.update(complete=True, expected=len(records), resumed=0, task=metas[0]["task"], model=metas[0]["model"],
+    metrics.update(complete=True, expected=metrics["n"], resumed=0, task=metas[0]["task"], model=metas[0]["model"],
                    shard=dict(index=0, num_shards=1), key=metas[0]["key"], wandb=None,
                    fingerprint=metas[0]["fingerprint"], config=config, merged_from=[str(d) for d in shard_dirs])
+    return records, metrics
+
+
+def _join_lm_eval(shard_dirs, metas, records: list[dict]) -> tuple[list[dict], dict]:
+    """task=lm_eval shards: the samples in the unsharded run's order (task, filter, document), lm-eval's metrics
+    recomputed from all of them (`lm_eval_adapter.merge_results`: not a mean of the shards' numbers — bleu, f1 and
+    stderr are not), the speed figures of all generation requests and the likelihood counts summed."""
+    from llada_xp import lm_eval_adapter
+
+    first_seen: dict[tuple, int] = {}  # shard 0 holds every task and filter, in the unsharded order
+    for r in records:
+        first_seen.setdefault((r["task"], r["filter"]), len(first_seen))
+    records.sort(key=lambda r: (first_seen[(r["task"], r["filter"])], r["index"]))
+    documents = metas[0]["lm_eval"]["documents"]
+    for task, n in documents.items():
+        got = len({r["index"] for r in records if r["task"] == task})
+        if got != n:
+            raise EvalError(f"merge: the shards hold {got} of the {n} documents of task {task}")
+    t = metas[0]["config"]["task"]
+    try:
+        results = lm_eval_adapter.merge_results(t["tasks"], t["include_path"], records)
+    except lm_eval_adapter.LmEvalError as e:
+        raise EvalError(f"merge: {e}") from None
+    for name, why in results["lm_eval"]["not_merged"].items():
+        log.warning("merge: %s is not merged: %s", name, why)
+    generations = [g for d in shard_dirs for g in read_samples(Path(d) / GENERATIONS)]
+    likelihood = {k: sum(m.get(k, 0) for m in metas)
+                  for k in ("loglikelihood_requests", "loglikelihood_s", "loglikelihood_forwards")}
+    metrics = _lm_eval_metrics(results, records, generations, likelihood)
+    # n-shot as the shards ran them (the tasks merge_results loads carry no task.num_fewshot)
+    metrics["lm_eval"].update(n_shot=metas[0]["lm_eval"]["n_shot"], documents=documents,
+                              seconds=sum(m["lm_eval"]["seconds"] for m in metas))
     return records, metrics
 
 
@@ -493,8 +538,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         m = merge(args.shards, args.out)
     except EvalError as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"merged {len(args.shards)} shards into {args.out}: accuracy {m['accuracy']:.4f} ({m['correct']}/{m['n']}), "
-          f"{m['tokens_per_s']:.1f} tokens/s")
+    what = f"({m['correct']}/{m['n']})" if "correct" in m else f"({m['accuracy_metric']}, {m['n']} documents)"
+    speed_ = f", {m['tokens_per_s']:.1f} tokens/s" if "tokens_per_s" in m else ""
+    print(f"merged {len(args.shards)} shards into {args.out}: accuracy {m['accuracy']:.4f} {what}{speed_}")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@ with the Pareto front marked (quality_vs_speed.png), all in the sweep dir and lo
 
 Points that failed (eval.py wrote failed.json in their dir) are listed with their error and log file, and make the
 sweep's exit status 1. Points that are shards of one evaluation (same settings, shard_index swept) are one point of
-the report, their merged result; an evaluation with a shard missing is listed as failed, not plotted. Runs by itself
+the report, their merged result (task=lm_eval: a metric that cannot be merged exactly is named, not given a
+number); an evaluation with a shard missing is listed as failed, not plotted. Runs by itself
 after a multirun (`ReportCallback`, configured in conf/eval.yaml) or by hand:
     python -m llada_xp.report SWEEP_DIR [--no-wandb]
-Reads only output dirs (metrics.json, failed.json, .hydra/overrides.yaml; shards' samples.jsonl to merge them);
-knows nothing about models or sampling.
+Reads only output dirs (metrics.json, failed.json, .hydra/overrides.yaml; shards' samples.jsonl to merge them, and
+for task=lm_eval lm-eval's task definitions, whose aggregation the merge uses); knows nothing about models or sampling.
 """
 
 from __future__ import annotations
@@ -261,6 +262,9 @@ def report(sweep_dir: Path, log_wandb: bool = True) -> Report:
                f"are not comparable."
         log.warning(note)
         table += f"\n{note}\n"
+    for p in points:  # merged lm-eval shards: a metric that could not be recomputed exactly has no number
+        for name, why in (p.metrics.get("lm_eval") or {}).get("not_merged", {}).items():
+            table += f"\nPoint {p.dir}: {name} is not merged over its shards ({why}); it has no value.\n"
     if failed:
         table += f"\n{len(failed)} failed point(s):\n\n" + markdown(
             ["point", *swept, "error", "log"],

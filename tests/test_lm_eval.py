@@ -5,6 +5,7 @@ answer and three near misses): demo_gen (generate_until, exact match under two f
 (multiple_choice, by the Monte-Carlo ELBO). The data_files paths are relative to the repository root.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from lm_eval.api.instance import Instance
 
 from llada_xp.config import ConfigError, EvalConfig, ModelConfig, SamplerConfig, TaskConfig, check
-from llada_xp.lm_eval_adapter import LladaLM, LmEvalError, sampler_settings
+from llada_xp.lm_eval_adapter import LladaLM, LmEvalError, sampler_settings, shard_documents
 from llada_xp.loading import load_model
 from llada_xp.sampler import Request, Sampler
 from tests.test_eval import eval_py, wandb_runs
@@ -155,9 +156,21 @@ def test_lm_eval_config_errors_name_the_key(task, match):
         check(EvalConfig(task=TaskConfig(name="lm_eval", **task)))
 
 
-def test_shards_are_refused_for_lm_eval():
-    with pytest.raises(ConfigError, match="num_shards > 1 is not supported with task=lm_eval"):
-        check(EvalConfig(task=TaskConfig(name="lm_eval", tasks=["x"]), num_shards=2, shard_index=1))
+def test_shards_take_every_nth_document_in_order():
+    parts = [shard_documents(10, k, 3) for k in range(3)]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    check(EvalConfig(task=TaskConfig(name="lm_eval", tasks=["x"]), num_shards=2, shard_index=1))  # accepted
+
+
+def test_a_task_max_gen_toks_over_gen_length_is_logged(demo, caplog):
+    lm = LladaLM(demo.model, demo.tokenizer, demo.info.ids, SamplerConfig(gen_length=32, block_length=8))
+    with caplog.at_level("WARNING", logger="llada_xp.lm_eval_adapter"):
+        lm.generate_until(instances(["Add: 1 + 2"] * 2, {"max_gen_toks": 16}))
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "task demo_gen" in msg and "16 tokens, not sampler.gen_length=32" in msg
+    caplog.clear()
+    lm.generate_until(instances(["Add: 1 + 2"], {"max_gen_toks": 32}))
+    assert not caplog.records
 
 
 # --------------------------------------------------------------------------------------------------- eval.py
@@ -257,3 +270,121 @@ def test_an_unknown_task_is_named(tmp_path):
     p = eval_py([*LM_EVAL_ARGS, "task.tasks=[demo_gem]", f"output_dir={tmp_path / 'out'}"], tmp_path, check=False)
     err = p.stdout + p.stderr
     assert p.returncode == 1 and "unknown lm-eval task demo_gem" in err and "did you mean demo_gen" in err
+
+
+# --------------------------------------------------------------------------------------------------- shards
+def task_folder(tmp: Path) -> Path:
+    """Variants of the demo tasks with corpus-level metrics (bleu, whose stderr lm-eval bootstraps; brier_score,
+    whose per-document values are numpy arrays: no exact JSON form), a few-shot task (lm-eval draws its examples
+    document after document from one generator) and a group of the two generate_until tasks."""
+    d = tmp / "tasks"
+    d.mkdir()
+    (d / "demo_utils.py").write_text((TASKS / "demo_utils.py").read_text())
+    data = str(TASKS / "demo.json")
+    gen = (TASKS / "demo_gen.yaml").read_text().replace("tests/data/lm_eval/demo.json", data)
+    metrics = lambda pairs: "".join(f"  - metric: {m}\n    aggregation: {a}\n    higher_is_better: true\n"
+                                    for m, a in pairs) + "metadata:"  # appended to the metric_list
+    (d / "corpus_gen.yaml").write_text(gen.replace("task: demo_gen", "task: corpus_gen").replace(
+        "metadata:", metrics([("bleu", "bleu")])))
+    (d / "fewshot_gen.yaml").write_text(gen.replace("task: demo_gen", "task: fewshot_gen") + "num_fewshot: 1\n")
+    (d / "gen_group.yaml").write_text("group: gen_group\ntask: [corpus_gen, fewshot_gen]\naggregate_metric_list:\n"
+                                      "  - metric: exact_match\n    weight_by_size: true\nmetadata:\n  version: 1.0\n")
+    mc = (TASKS / "demo_mc.yaml").read_text().replace("tests/data/lm_eval/demo.json", data)
+    (d / "corpus_mc.yaml").write_text(mc.replace("task: demo_mc", "task: corpus_mc").replace(
+        "metadata:", metrics([("brier_score", "brier_score")])))
+    return d
+
+
+def lm_eval_cfg(out: Path, tasks: list[str], folder: Path, **kw) -> EvalConfig:
+    task = dict(name="lm_eval", tasks=tasks, include_path=str(folder), apply_chat_template=True, mc_num=8,
+                **kw.pop("task", {}))
+    return EvalConfig(task=TaskConfig(**task), output_dir=str(out), progress=False, batch_size=4, resume=False,
+                      sampler=SamplerConfig(gen_length=32, block_length=8, steps=32, **kw.pop("sampler", {})), **kw)
+
+
+def lm_eval_numbers(m: dict) -> dict:
+    return {k: v for k, v in m.items() if "/" in k or k in ("accuracy", "accuracy_metric", "n")}
+
+
+def stable_samples(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tasks,shards,settings,not_merged", [
+    (["gen_group"], 3, dict(sampler=dict(temperature=0.9, seed=5, threshold=None), task=dict(limit=14)),
+     []),
+    (["corpus_mc"], 2, dict(task=dict(limit=30)), ["corpus_mc/brier_score/none"]),
+], ids=["generate_until", "multiple_choice"])
+def test_shards_merge_to_exactly_the_unsharded_metrics(tasks, shards, settings, not_merged, tmp_path, monkeypatch):
+    from llada_xp.evaluate import GENERATIONS, merge, read_samples, run
+
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")  # lm-eval's bootstrap in-process: the same draws, no pool to start
+    folder = task_folder(tmp_path)
+    whole = run(lm_eval_cfg(tmp_path / "whole", tasks, folder, **settings))
+    parts = [run(lm_eval_cfg(tmp_path / f"s{k}", tasks, folder, shard_index=k, num_shards=shards, **settings))
+             for k in range(shards)]
+    limit = settings["task"]["limit"]
+    n_tasks = len(whole["lm_eval"]["documents"])
+    assert [p["n"] for p in parts] == [len(shard_documents(limit, k, shards)) * n_tasks for k in range(shards)]
+    assert all(p["shard"] == dict(index=k, num_shards=shards) for k, p in enumerate(parts))
+    merged = merge([tmp_path / f"s{k}" for k in reversed(range(shards))], tmp_path / "merged")
+    numbers = lm_eval_numbers(whole)
+    assert len([k for k in numbers if "/" in k]) >= 3 and len({v for k, v in numbers.items() if "/" in k}) > 2
+    assert all(k in numbers for k in not_merged)
+    # exactly: corpus metrics, bootstrapped stderr and all; a metric that cannot be merged exactly is named, no number
+    assert lm_eval_numbers(merged) == {k: v for k, v in numbers.items() if k not in not_merged}
+    assert sorted(merged["lm_eval"]["not_merged"]) == not_merged
+    assert merged["lm_eval"]["n_shot"] == whole["lm_eval"]["n_shot"]
+    assert stable_samples(tmp_path / "merged" / "samples.jsonl") == stable_samples(tmp_path / "whole" / "samples.jsonl")
+    for key in ("generation_requests", "nfe_total", "generated_tokens", "tokens_per_forward_total",
+                "loglikelihood_requests", "loglikelihood_forwards"):
+        assert merged.get(key) == whole.get(key), key
+    if "gen_group" in tasks:  # the group's score; the sampled tokens: every request drew from its unsharded seed
+        assert {"gen_group/exact_match/whole", "gen_group/exact_match_stderr/whole", "corpus_gen/bleu/whole",
+                "corpus_gen/bleu_stderr/whole", "fewshot_gen/exact_match/lowercase"} <= set(merged)
+        tokens = lambda d: sorted((g["task"], g["doc_id"], g["token_ids"]) for g in read_samples(d / GENERATIONS))
+        assert tokens(tmp_path / "whole") == sorted(t for k in range(shards) for t in tokens(tmp_path / f"s{k}"))
+    # a rerun of a shard resumes from its request cache, to the same numbers
+    again = run(dataclasses.replace(lm_eval_cfg(tmp_path / "s1", tasks, folder, shard_index=1, num_shards=shards,
+                                                **settings), resume=True))
+    assert again["resumed"] > 0 and lm_eval_numbers(again) == lm_eval_numbers(parts[1])
+    assert again.get("generation_requests") == 0
+
+
+@pytest.mark.slow
+def test_a_task_with_fewer_documents_than_shards_is_named(tmp_path):
+    from llada_xp.evaluate import run
+
+    cfg = lm_eval_cfg(tmp_path / "s2", ["demo_gen"], TASKS, task=dict(limit=2), shard_index=2, num_shards=3)
+    with pytest.raises(LmEvalError, match="task demo_gen has 2 documents, fewer than num_shards=3"):
+        run(cfg)
+
+
+@pytest.mark.slow
+def test_lm_eval_shards_through_eval_py_are_one_merged_report_point(tmp_path):
+    import csv
+
+    sweep = tmp_path / "sweep"
+    args = [*LM_EVAL_ARGS, "task.tasks=[demo_gen]", "task.limit=10", "logger=wandb"]
+    eval_py(["-m", *args, "num_shards=2", "shard_index=0,1", f"hydra.sweep.dir={sweep}"], tmp_path)
+    shards = [json.loads((sweep / k / "metrics.json").read_text()) for k in ("0", "1")]
+    assert [m["n"] for m in shards] == [5, 5] and [m["shard"]["index"] for m in shards] == [0, 1]
+    (point,) = csv.DictReader(open(sweep / "report.csv"))
+    assert point["point"] == "0+1" and point["n"] == "10"
+    from llada_xp.evaluate import main as evaluate_cli
+
+    evaluate_cli(["merge", str(sweep / "0"), str(sweep / "1"), "--out", str(tmp_path / "merged")])
+    merged = json.loads((tmp_path / "merged" / "metrics.json").read_text())
+    for key in ("demo_gen/exact_match/whole", "demo_gen/exact_match/lowercase", "accuracy"):
+        assert float(point[key]) == pytest.approx(merged[key], abs=1e-4), key  # the report prints 4 decimals
+    assert merged["demo_gen/exact_match/whole"] == sum(
+        s["metrics"]["exact_match"] for s in stable_samples(tmp_path / "merged" / "samples.jsonl")
+        if s["filter"] == "whole") / 10
+    runs = wandb_runs(tmp_path)
+    assert sorted(r["job_type"] for r in runs) == ["eval", "eval", "report"] and all(r["exit"] == 0 for r in runs)
+    (rep,) = [r for r in runs if r["job_type"] == "report"]
+    (table,) = rep["dir"].glob("files/media/table/sweep_*.table.json")
+    table = json.loads(table.read_text())
+    row = dict(zip(table["columns"], table["data"][0]))
+    assert len(table["data"]) == 1 and row["demo_gen/exact_match/whole"] == merged["demo_gen/exact_match/whole"]

@@ -133,3 +133,14 @@ def test_points_timed_with_different_thread_counts_are_flagged(tmp_path):
     assert "different torch thread counts (4, unknown)" in rep.table
     rows = list(csv.DictReader(open(tmp_path / CSV)))
     assert [r["threads"] for r in rows] == ["", "4", "", "", ""]
+
+
+def test_a_metric_not_merged_over_shards_is_named_without_a_number(tmp_path):
+    fake_sweep(tmp_path, POINTS[:2])
+    m = json.loads((tmp_path / "1" / "metrics.json").read_text())
+    why = "a shard could not store its values per document exactly"
+    m.update({"t/acc/none": 0.5, "lm_eval": dict(not_merged={"t/f1/none": why}), "merged_from": ["a", "b"]})
+    (tmp_path / "1" / "metrics.json").write_text(json.dumps(m))
+    rep = report(tmp_path)
+    assert f"Point 1: t/f1/none is not merged over its shards ({why}); it has no value." in rep.table
+    assert "t/f1/none" not in rep.table.splitlines()[0]
