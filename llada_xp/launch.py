@@ -735,6 +735,8 @@ def _front(cfg: ServeConfig, tasks: int, job_id: str, folder: Path, node: str, p
             "policy": sc.policy, "metrics_url": f"http://{node}:{metrics_port}/metrics", "replicas": replicas}
     _write_json(folder / INFO_FILE, info)
     log.info("job %s: gateway on %s in front of %d replicas (API key in %s)", job_id, url, tasks, info["key_file"])
+    # stay: the gateway's PR_SET_PDEATHSIG fires when the *thread* that started it ends
+    log.error("the gateway exited with status %s", gateway[0].wait())
 
 
 # ------------------------------------------------------------------------------------------------ child processes

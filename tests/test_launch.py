@@ -143,7 +143,7 @@ def test_replicas_run_as_one_job_behind_one_url_with_the_key_and_ctrl_c_cancels_
                              f"launcher.folder={tmp_path}/slurm/%j", *model_args, "server.port=0",
                              f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = Output(proc)
+    out, job_id = Output(proc), None
     try:
         job_id = out.wait_for(r"submitted job (\d+)", 120).group(1)
         out.wait_for(r"Reconnect later", 400)  # three processes start on a loaded 2-core machine: minutes
@@ -173,6 +173,8 @@ def test_replicas_run_as_one_job_behind_one_url_with_the_key_and_ctrl_c_cancels_
     finally:
         if proc.poll() is None:
             proc.kill()
+            if job_id:
+                subprocess.run(["scancel", job_id])  # a failed test leaves no job holding the CI node
 
 
 def test_job_that_dies_is_reported_with_slurm_state_and_log_tail(tmp_path):
