@@ -38,6 +38,10 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
     try:
         config.server.api_key = api_key(config.server)
+        if config.server.replicas > 1:  # N servers behind the gateway on server.host:server.port (llada_xp/launch.py)
+            from llada_xp.launch import serve_replicas
+
+            sys.exit(serve_replicas(config))
         serve(config)
     except (ModelLoadError, ValueError, OSError) as e:  # the reason, without a traceback
         log.error("cannot serve: %s", e)

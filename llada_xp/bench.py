@@ -1,6 +1,7 @@
 """Benchmarks (CLI).
 
-    python -m llada_xp.bench server [--concurrency 1,4,16] [--model demo|PATH] [--url URL] [overrides]
+    python -m llada_xp.bench server [--concurrency 1,4,16] [--model demo|PATH] [--url URL] [--replicas 1,2]
+                                    [overrides]
 
 `server`: starts the server (serve() in a child process; config composed from conf/serve.yaml plus Hydra overrides,
 and model.threads=1 and a free server.port unless they are among them) unless --url names a running one, then drives
@@ -8,6 +9,8 @@ it with N concurrent clients sending demo-task chat requests (held-out prompts),
 percentiles per concurrency level. Every level sends the same prompts. It speaks only HTTP to the server; beforehand
 (--ceiling, on by default when it starts the server) it times the Sampler alone on the same model, settings and
 prompts in batches of each level's size, which shows how much batching can give on this device at all.
+--replicas 1,2 runs the same levels against serve.py server.replicas=1, then =2 (the gateway in front), and prints
+aggregate tokens/s relative to the first count and p99 latency.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import logging
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -144,6 +148,77 @@ def sampler_ceiling(cfg, prompts: list[str], levels: list[int], body: dict) -> d
 
 
 def bench_server(args: argparse.Namespace) -> int:
+    counts = [int(n) for n in args.replicas.split(",")]
+    if counts == [1]:
+        return _bench_one(args)
+    if args.url is not None:
+        raise SystemExit("--replicas starts the servers it compares; it cannot bench --url")
+    return bench_replicas(args, counts)
+
+
+def bench_replicas(args: argparse.Namespace, counts: list[int]) -> int:
+    """The same levels against serve.py server.replicas=N for each N (the gateway in front when N > 1), one after
+    the other on this machine; then aggregate tokens/s relative to the first N, and p99 latency."""
+    import tempfile
+
+    import httpx
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    prompts = _prompts(max(args.requests, max(levels) * args.rounds))
+    model = ["model=demo"] if args.model == "demo" else ["model=hf", f"model.path={args.model}"]
+    results, failed = {}, False
+    for n in counts:
+        port = _free_port()
+        with tempfile.TemporaryDirectory() as run_dir:
+            proc = subprocess.Popen([sys.executable, str(CONF_DIR.parent / "serve.py"), *model,
+                                     f"server.port={port}", f"server.replicas={n}", "server.log_level=warning",
+                                     f"hydra.run.dir={run_dir}", *args.overrides],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                name = _wait_models(url, proc)
+                body = {"model": name, "max_tokens": args.max_tokens, "temperature": 0.0}
+                _level(url, prompts[:max(levels)], max(levels), body)  # warm-up
+                results[n] = [_level(url, prompts[:max(args.requests, c * args.rounds)], c, body) for c in levels]
+                failed |= any(r["errors"] for r in results[n])
+                log.info("%d replica(s) done", n)
+            finally:
+                proc.send_signal(signal.SIGINT)  # serve.py stops its replicas and the gateway
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    base = counts[0]
+    print(f"replica bench: model {args.model}, {os.cpu_count()} CPUs here, max_tokens {args.max_tokens}, "
+          f"temperature 0, policy from the config; overrides: {' '.join(args.overrides)}")
+    print(f"{'replicas':>8} {'conc':>5} {'reqs':>5} {'tok/s':>8} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} "
+          f"{f'× {base} repl.':>11}")
+    for n in counts:
+        for r, b in zip(results[n], results[base]):
+            print(f"{n:>8} {r['concurrency']:>5} {r['requests']:>5} {r['tok_s']:>8.1f} {r['req_s']:>7.2f} "
+                  f"{r['p50']:>7.3f} {r['p99']:>7.3f} {r['tok_s'] / b['tok_s']:>11.2f}")
+    return 1 if failed else 0
+
+
+def _wait_models(url: str, proc: subprocess.Popen, timeout: float = 600.0) -> str:
+    """The served model's name once /v1/models answers (through the gateway: once its replicas are registered)."""
+    import httpx
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"serve.py exited with status {proc.returncode} before it was ready")
+        try:
+            r = httpx.get(url + "/v1/models", timeout=5)
+            if r.status_code == 200 and r.json().get("data"):
+                return r.json()["data"][0]["id"]
+        except (httpx.TransportError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the server did not become ready in time")
+
+
+def _bench_one(args: argparse.Namespace) -> int:
     import httpx
 
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -313,6 +388,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default 1,4,16)")
     s.add_argument("--model", default="demo", help="demo, or a local model folder in the LLaDA Hub layout")
     s.add_argument("--url", default=None, help="bench a running server instead of starting one")
+    s.add_argument("--replicas", default="1", help="comma-separated server.replicas counts to compare in one run "
+                   "(e.g. 1,2: serve.py with the gateway in front when > 1); default 1")
     s.add_argument("--requests", type=int, default=128, help="at least this many requests per level")
     s.add_argument("--rounds", type=int, default=16, help="at least this many requests per client per level")
     s.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")

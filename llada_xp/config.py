@@ -21,6 +21,8 @@ SOURCES = ("demo", "hf", "dcp")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 WANDB_MODES = ("online", "offline", "disabled")
+# sglang-router's policies for plain (not prefill/decode) workers; round_robin measured best here (README: Replicas)
+POLICIES = ("round_robin", "power_of_two", "random", "cache_aware")
 
 
 class ConfigError(ValueError):
@@ -164,10 +166,25 @@ class ServerConfig:
     batch_window_ms: float = 20.0
     # Log level of the server and uvicorn: critical | error | warning | info | debug | trace
     log_level: str = "info"
+    # Server processes (one model each: one GPU each when GPUs exist, else an equal share of the CPU cores) behind
+    # the sglang-router gateway on host:port; the replicas listen on private ports of 127.0.0.1. 1 = no gateway.
+    # On SLURM the count is launcher.replicas (one task each)
+    replicas: int = 1
+    # How the gateway picks a replica: round_robin | power_of_two (the fewest rows in flight, from /get_load of two
+    # random replicas) | random | cache_aware (prefix affinity)
+    policy: str = "round_robin"
+    # Port of the gateway's Prometheus /metrics (on host); None = a free port, logged and in server_info.json
+    metrics_port: Optional[int] = None
+    # Extra sglang-router flags (python -m sglang_router.launch_router --help), e.g. [--queue-size, "64"]
+    gateway_args: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        _at_least("replicas", self.replicas, 1)
+        _one_of("policy", self.policy, POLICIES)
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535] or null, got {self.metrics_port}")
         _at_least("max_batch_size", self.max_batch_size, 1, optional=True)
         _at_least("max_queue", self.max_queue, 1)
         _at_least("batch_window_ms", self.batch_window_ms, 0)
@@ -208,11 +225,20 @@ class LauncherConfig:
     detach_on_interrupt: bool = False
     # submitit's folder for the job's pickles, logs, API key and server-info file (%j = the job id)
     folder: str = "slurm/%j"
+    # serve.py: server replicas in the one job, one SLURM task each (with launcher.gpus GPUs per node: one GPU per
+    # task), spread evenly over launcher.nodes nodes; the gateway runs on the first node. 1 = the server alone
+    replicas: int = 1
+    nodes: int = 1
 
     def check(self) -> None:
         _one_of("name", self.name, ("local", "slurm"))
         _at_least("gpus", self.gpus, 0)
         _at_least("cpus", self.cpus, 1)
+        _at_least("replicas", self.replicas, 1)
+        _at_least("nodes", self.nodes, 1)
+        if self.replicas % self.nodes:
+            raise ValueError(f"replicas ({self.replicas}) must be a multiple of nodes ({self.nodes}): "
+                             "SLURM runs the same number of tasks on every node")
 
 
 @dataclass
@@ -223,6 +249,11 @@ class ServeConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+    def check(self) -> None:
+        if self.launcher.name == "slurm" and self.server.replicas > 1:
+            raise ValueError(f"server.replicas={self.server.replicas} runs replicas on this machine; on SLURM ask for "
+                             f"launcher.replicas={self.server.replicas} (one task each) instead")
 
 
 @dataclass

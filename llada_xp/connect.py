@@ -1,8 +1,9 @@
 """Print how to reach a running server job and check its /health: python -m llada_xp.connect JOB_ID [options].
 
 The node comes from `squeue -j JOB_ID -h -o %N` (or --node), the port and API key file from the job's
-server-info file (found next to the job's stdout log, or given with --info), else --port. Exit status 0 when
-/health answers through the printed address, 1 otherwise. Knows nothing about models; the block is launch.py's.
+server-info file (found next to the job's stdout log, or given with --info), else --port: with replicas, the
+gateway's one public address (the file lists every replica). Exit status 0 when /health answers through the
+printed address, 1 otherwise. Knows nothing about models; the block is launch.py's.
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     node = a.node or info.get("node") or st.node
     port = a.port or info.get("port") or 8000
     print(connection_block(a.job_id, node, port, login_host(a.login_host), info.get("key_file"),
-                           str(info_file) if info else None, None), end="")
+                           str(info_file) if info else None, info.get("model"), info), end="")
     if a.no_check:
         return 0
-    body = health(f"http://{node}:{port}/health")
+    url = f"http://{node}:{port}/health"  # with replicas: the gateway's
+    body = health(url)
     if body is None:
-        print(f"connect: http://{node}:{port}/health does not answer 200 (still loading, or another port?)",
-              file=sys.stderr)
+        print(f"connect: {url} does not answer 200 (still loading, or another port?)", file=sys.stderr)
         return 1
-    print(f"connect: http://{node}:{port}/health is healthy (model {(body.get('model') or {}).get('name')})")
+    print(f"connect: {url} is healthy (model {info.get('model') or (body.get('model') or {}).get('name')}"
+          + (f", {len(info['replicas'])} replicas" if info.get("replicas") else "") + ")")
     return 0
 
 

@@ -4,6 +4,10 @@
 connection block once /health answers through the node's address, and cancels the job on Ctrl-C (or detaches).
 The job binds 0.0.0.0, advertises the node's name and always requires an API key (kept in a 0600 file).
 Also where serve.py's API key comes from (never from Hydra's saved config: `KeyGuard`, `api_key`).
+Replicas (server.replicas=N here, launcher.replicas=N on SLURM): N server processes, each `server.serve` with one
+model, behind the sglang-router gateway on the one public address (`serve_replicas`, `replica_task`); the gateway
+and every replica require the API key when there is one. Started as `python -m llada_xp.launch replica|gateway`,
+so that neither the key nor the config shows on a command line.
 Writes to the terminal stream it is given (it is the CLI's front end); knows nothing about models or HTTP routes
 beyond /health. Evaluation sweeps use hydra-submitit-launcher instead (conf/launcher/slurm.yaml).
 """
@@ -17,11 +21,13 @@ import os
 import re
 import secrets
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, TextIO
 
@@ -36,6 +42,8 @@ log = logging.getLogger(__name__)
 INFO_FILE = "server_info.json"
 KEY_FILE = "api_key"
 POLL_S = 0.5
+GATEWAY = "sglang-router==0.3.2"  # pinned: its CLI flags and worker protocol are what this file was tested with
+STOP_S = 15  # a replica or the gateway that has not stopped this long after SIGTERM is killed
 # States in which a job no longer runs (squeue shows them for MinJobAge after the end, sacct afterwards)
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
@@ -63,6 +71,8 @@ def executor(lc: LauncherConfig, folder: str):
             params[key] = value
     if lc.gpus:
         params["gpus_per_node"] = lc.gpus
+    if lc.replicas > 1:  # one task per replica, as many on every node
+        params["nodes"], params["tasks_per_node"] = lc.nodes, lc.replicas // lc.nodes
     if lc.container_image:
         params["slurm_srun_args"] = shlex.split(lc.container_flags.format(image=lc.container_image, cwd=os.getcwd()))
     ex.update_parameters(**params)
@@ -156,6 +166,8 @@ def serve_job(cfg: ServeConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env = submitit.JobEnvironment()
     folder = Path(env.paths.folder).resolve()
+    if cfg.launcher.replicas > 1:
+        return replica_task(cfg, env.global_rank, env.local_rank, env.num_tasks, str(env.job_id), folder)
     node, port = advertised_host(), cfg.server.port or _free_port()
     key = api_key(cfg.server) or secrets.token_urlsafe(32)
     write_private(folder / KEY_FILE, key + "\n")
@@ -209,6 +221,8 @@ def requested(lc: LauncherConfig, partition: str) -> str:
              f"launcher.partition={lc.partition}" if lc.partition else f"partition {partition or '?'} (the default)"]
     asked += [f"launcher.{k}={v}" for k, v in (("account", lc.account), ("qos", lc.qos),
                                                 ("constraint", lc.constraint)) if v is not None]
+    if lc.replicas > 1:
+        asked += [f"launcher.replicas={lc.replicas}", f"launcher.nodes={lc.nodes}"]
     asked += [f"--{k}={v}" for k, v in lc.additional_parameters.items()]
     return " ".join(asked)
 
@@ -240,9 +254,15 @@ def health(url: str, timeout: float = 2.0) -> Optional[dict]:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per poll in the user's terminal
     try:
         r = httpx.get(url, timeout=timeout)
-        return r.json() if r.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
+    except httpx.HTTPError:
         return None
+    if r.status_code != 200:
+        return None
+    try:
+        body = r.json()
+    except ValueError:  # the gateway's /health answers plain "OK"
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 # ------------------------------------------------------------------------------------------------ the terminal
@@ -276,7 +296,7 @@ def last_lines(path: Path, n: int = 30) -> list[str]:
 
 
 def connection_block(job_id: str, node: str, port: int, login: str, key_file: Optional[str],
-                     info_file: Optional[str], model: Optional[str]) -> str:
+                     info_file: Optional[str], model: Optional[str], info: Optional[dict] = None) -> str:
     """What the user needs to reach the server: the tunnel, the local URLs, a curl and an openai-client line."""
     user, local = getpass.getuser(), f"http://localhost:{port}"
     key = f"$(cat {key_file})" if key_file else "$LLADA_XP_API_KEY"
@@ -290,6 +310,9 @@ def connection_block(job_id: str, node: str, port: int, login: str, key_file: Op
     ]
     if info_file:
         lines.append(f"Server info:  {info_file}")
+    if info and info.get("replicas"):
+        lines.append(f"Replicas:     {len(info['replicas'])} behind the gateway at this address (each one's "
+                     f"address and /metrics: Server info); gateway metrics: {info.get('metrics_url')}")
     lines += [
         "",
         "1. On your machine, open an SSH tunnel (leave it running):",
@@ -372,7 +395,8 @@ def serve_on_slurm(cfg: ServeConfig, out: TextIO = sys.stdout) -> int:
                 if body is not None:
                     connected = True
                     out.write(connection_block(job_id, info["node"], info["port"], login_host(lc.login_host),
-                                               info["key_file"], str(info_file), (body.get("model") or {}).get("name")))
+                                               info["key_file"], str(info_file),
+                                               info.get("model") or (body.get("model") or {}).get("name"), info))
                     out.flush()
             time.sleep(POLL_S)
     except KeyboardInterrupt:
@@ -428,3 +452,325 @@ def job_state_from_sacct(job_id: str) -> Optional[JobState]:
         return None
     state, reason, node, code = (rows[0].split("|") + ["", "", ""])[:4]
     return JobState(state.split()[0] if state else "", "" if reason == "None" else reason, node, code)
+
+
+# ------------------------------------------------------------------------------------------------ replicas
+# The gateway (sglang-router) in front of N replicas. Its choices that matter here (README: Replicas):
+# - the circuit breaker is off: it counts 4xx answers as failures, so ten bad requests from one client would
+#   open every replica's circuit and answer 503 to everyone for a minute; health checks take a dead replica out;
+# - health checks every 2 s, out after 2 failures, back after 1 success; retries (its default: 5) resend a request
+#   that found a dead replica to another one.
+GATEWAY_FLAGS = ["--disable-circuit-breaker", "--health-check-interval-secs", "2", "--health-failure-threshold", "2",
+                 "--health-success-threshold", "1", "--worker-startup-check-interval", "1",
+                 "--shutdown-grace-period-secs", "5"]
+
+
+def require_gateway() -> None:
+    """Raise RuntimeError saying how to install the gateway when sglang-router is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("sglang_router") is None:
+        raise RuntimeError(f"replicas need the sglang-router gateway, which is not installed: pip install "
+                           f"'llada-xp[serve]' (or pip install {GATEWAY})")
+
+
+def gateway_command(sc: ServerConfig, host: str, port: int, metrics_port: int, workers: list[str]) -> list[str]:
+    """The gateway's command line (never the key: `python -m llada_xp.launch gateway` takes it from the env)."""
+    level = {"critical": "error", "error": "error", "debug": "debug", "trace": "debug"}.get(sc.log_level, "warn")
+    return [sys.executable, "-m", "llada_xp.launch", "gateway", "--host", host, "--port", str(port),
+            "--worker-urls", *workers, "--policy", sc.policy, "--prometheus-host", host,
+            "--prometheus-port", str(metrics_port), "--log-level", level, *GATEWAY_FLAGS, *sc.gateway_args]
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the process that started it dies (Linux), even by SIGKILL."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _gpus(device: str) -> list[str]:
+    """The CUDA devices replicas may take one each ([] on CPU or when model.device names one device)."""
+    if device not in ("auto", "cuda"):
+        return []
+    import torch
+
+    count = torch.cuda.device_count()
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return (visible or [str(i) for i in range(count)])[:count]
+
+
+@dataclass
+class Replica:
+    """One server process on a private port: its environment (devices, threads) and CPU cores."""
+
+    index: int
+    port: int
+    env: dict
+    cores: list[int] = field(default_factory=list)
+    proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, cfg: ServeConfig) -> None:
+        import pickle
+
+        def setup() -> None:
+            _die_with_parent()
+            if self.cores:
+                os.sched_setaffinity(0, self.cores)
+
+        # its own session: a Ctrl-C in the terminal reaches serve.py only, which stops the replicas in order
+        self.proc = subprocess.Popen([sys.executable, "-m", "llada_xp.launch", "replica", str(self.index)],
+                                     stdin=subprocess.PIPE, env=self.env, preexec_fn=setup, start_new_session=True)
+        mine = replace(cfg, server=replace(cfg.server, host="127.0.0.1", port=self.port, replicas=1))
+        self.proc.stdin.write(pickle.dumps(mine))  # the config, key included, through a pipe: no file, no argv
+        self.proc.stdin.close()
+
+
+def plan_replicas(cfg: ServeConfig) -> list[Replica]:
+    """N replicas on free ports of 127.0.0.1: one GPU each when GPUs exist (shared round-robin when there are fewer
+    GPUs than replicas), else an equal share of this process's CPU cores (pinned, OMP_NUM_THREADS set)."""
+    n, gpus = cfg.server.replicas, _gpus(cfg.model.device)
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // n)
+    if gpus and len(gpus) < n:
+        log.warning("%d replicas on %d GPUs: some GPUs hold more than one model", n, len(gpus))
+    if not gpus and len(cores) < n:
+        log.warning("%d replicas on %d CPU cores: replicas share cores", n, len(cores))
+    out = []
+    for i in range(n):
+        env = dict(os.environ, OMP_NUM_THREADS=str(per), MKL_NUM_THREADS=str(per))
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        mine = cores[i * per:(i + 1) * per] if len(cores) >= n else []
+        out.append(Replica(i, _free_port_on("127.0.0.1"), env, mine))
+    return out
+
+
+def _free_port_on(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every process still running, wait up to STOP_S, then SIGKILL the rest."""
+    live = [p for p in procs if p is not None and p.poll() is None]
+    for p in live:
+        p.terminate()
+    deadline = time.time() + STOP_S
+    for p in live:
+        try:
+            p.wait(max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not stop within %ds; killing it", p.pid, STOP_S)
+            p.kill()
+            p.wait()
+
+
+def _wait_gateway(url: str, name: Optional[str], alive: callable, timeout: float = 120) -> bool:
+    """Until the gateway lists the model on /v1/models (its workers are registered), or it dies, or timeout."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and alive():
+        try:
+            r = httpx.get(url + "/v1/models", timeout=2)
+            if r.status_code == 200 and any(m.get("id") == name for m in r.json().get("data", [])):
+                return True
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(POLL_S)
+    return False
+
+
+def serve_replicas(cfg: ServeConfig) -> int:
+    """server.replicas=N here: N replicas and the gateway on server.host:server.port, until Ctrl-C or SIGTERM.
+
+    A replica that dies is logged and left out (the gateway's health check stops routing to it; no restart: a
+    replica that crashed once, e.g. out of memory, would most likely crash again); serving ends, with status 1,
+    when the gateway dies or no replica is left. The exit status: 0 after Ctrl-C/SIGTERM, 1 on failure."""
+    sc = cfg.server
+    try:
+        require_gateway()
+    except RuntimeError as e:
+        log.error("cannot serve: %s", e)
+        return 1
+    replicas = plan_replicas(cfg)
+    port = sc.port or _free_port_on(sc.host)
+    metrics_port = sc.metrics_port or _free_port_on(sc.host)
+    gateway: Optional[subprocess.Popen] = None
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for r in replicas:
+            r.start(cfg)
+            log.info("replica %d: pid %d on %s%s", r.index, r.proc.pid, r.url,
+                     f" (GPU {r.env['CUDA_VISIBLE_DEVICES']})" if "CUDA_VISIBLE_DEVICES" in r.env
+                     else f" (CPU cores {r.cores}, {r.env['OMP_NUM_THREADS']} threads)")
+        name = None
+        for r in replicas:  # every replica loaded: the gateway registers a worker once, with its model name
+            while (body := health(r.url + "/health")) is None:
+                if r.proc.poll() is not None:
+                    log.error("cannot serve: replica %d exited with status %s while loading (its log is above)",
+                              r.index, r.proc.returncode)
+                    return 1
+                time.sleep(POLL_S)
+            name = (body.get("model") or {}).get("name")
+        env = dict(os.environ, LLADA_XP_API_KEY=sc.api_key or "")
+        gateway = subprocess.Popen(gateway_command(sc, sc.host, port, metrics_port, [r.url for r in replicas]),
+                                   env=env, preexec_fn=_die_with_parent, start_new_session=True)
+        url = f"http://{sc.host}:{port}"
+        if not _wait_gateway(f"http://{_reachable(sc.host)}:{port}", name, lambda: gateway.poll() is None):
+            log.error("cannot serve: the gateway did not start on %s (status %s; its log is above)", url,
+                      gateway.poll())
+            return 1
+        log.info("serving %s on %s (docs: each replica's /docs): %d replicas behind the sglang-router gateway "
+                 "(policy %s, %s); gateway metrics on http://%s:%d/metrics, each replica's on its own /metrics",
+                 name, url, len(replicas), sc.policy, "Bearer key required" if sc.api_key else "no API key",
+                 sc.host, metrics_port)
+        alive = list(replicas)
+        while True:
+            if gateway.poll() is not None:
+                log.error("the gateway exited with status %s; stopping the replicas", gateway.returncode)
+                return 1
+            for r in [r for r in alive if r.proc.poll() is not None]:
+                alive.remove(r)
+                log.error("replica %d (pid %d, %s) exited with status %s; left out: the gateway stops routing to "
+                          "it, %d replica(s) keep serving", r.index, r.proc.pid, r.url, r.proc.returncode, len(alive))
+            if not alive:
+                log.error("no replica is left; stopping the gateway")
+                return 1
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        log.info("stopping the gateway and %d replicas", len(replicas))
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop([gateway])  # first: no new request reaches a stopping replica
+        _stop([r.proc for r in replicas])
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _reachable(host: str) -> str:
+    """An address this machine reaches a server bound to `host` on (0.0.0.0 / :: → loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _wait_file(path: Path) -> str:
+    while not path.exists():
+        time.sleep(POLL_S)
+    return path.read_text()
+
+
+def replica_task(cfg: ServeConfig, rank: int, local_rank: int, tasks: int, job_id: str, folder: Path) -> None:
+    """One SLURM task of launcher.replicas=N: serve one replica (one GPU); task 0 also runs the gateway.
+
+    Tasks meet through the job folder: each writes replica_<rank>.json (node, port); task 0 waits for all N and
+    their /health, starts the gateway on the node's server.port (or a free port), then writes server_info.json."""
+    from llada_xp.server import serve
+
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    if len(visible) > 1:  # sites differ in GPU binding: take this task's own GPU of the node's (before torch loads)
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[local_rank % len(visible)]
+    key = api_key(cfg.server)
+    if rank == 0:
+        key = key or secrets.token_urlsafe(32)
+        write_private(folder / (KEY_FILE + ".tmp"), key + "\n")
+        (folder / (KEY_FILE + ".tmp")).replace(folder / KEY_FILE)
+    elif key is None:
+        key = _wait_file(folder / KEY_FILE).strip()
+    node, public_port = advertised_host(), cfg.server.port
+    cfg.server.host, cfg.server.port, cfg.server.api_key = "0.0.0.0", _free_port(), key
+    _write_json(folder / f"replica_{rank}.json", {"rank": rank, "node": node, "port": cfg.server.port,
+                                                  "url": f"http://{node}:{cfg.server.port}",
+                                                  "metrics_url": f"http://{node}:{cfg.server.port}/metrics"})
+    log.info("job %s task %d: replica on http://%s:%d%s", job_id, rank, node, cfg.server.port,
+             f" (GPU {os.environ['CUDA_VISIBLE_DEVICES']})" if visible else "")
+    gateway: list[subprocess.Popen] = []
+    if rank == 0:
+        threading.Thread(target=_front, args=(cfg, tasks, job_id, folder, node, public_port, gateway),
+                         name="llada-xp-gateway", daemon=True).start()
+    try:
+        serve(cfg)
+    finally:
+        _stop(gateway)
+
+
+def _front(cfg: ServeConfig, tasks: int, job_id: str, folder: Path, node: str, port: int,
+           gateway: list[subprocess.Popen]) -> None:
+    """Task 0's thread: wait for every replica, start the gateway, write server_info.json (then the submitter
+    prints the connection block)."""
+    sc = cfg.server
+    replicas = [json.loads(_wait_file(folder / f"replica_{i}.json")) for i in range(tasks)]
+    name = None
+    for r in replicas:
+        while (body := health(r["url"] + "/health")) is None:
+            time.sleep(POLL_S)
+        name = (body.get("model") or {}).get("name")
+    port, metrics_port = port or _free_port(), sc.metrics_port or _free_port()
+    env = dict(os.environ, LLADA_XP_API_KEY=sc.api_key)
+    gateway.append(subprocess.Popen(gateway_command(sc, "0.0.0.0", port, metrics_port, [r["url"] for r in replicas]),
+                                    env=env, preexec_fn=_die_with_parent))
+    if not _wait_gateway(f"http://{node}:{port}", name, lambda: gateway[0].poll() is None, timeout=600):
+        log.error("the gateway did not start on %s:%d (status %s)", node, port, gateway[0].poll())
+        return
+    url = f"http://{node}:{port}"
+    info = {"job_id": job_id, "node": node, "port": port, "url": url, "base_url": url + "/v1",
+            "health_url": url + "/health", "key_file": str(folder / KEY_FILE), "model": name,
+            "policy": sc.policy, "metrics_url": f"http://{node}:{metrics_port}/metrics", "replicas": replicas}
+    _write_json(folder / INFO_FILE, info)
+    log.info("job %s: gateway on %s in front of %d replicas (API key in %s)", job_id, url, tasks, info["key_file"])
+    # stay: the gateway's PR_SET_PDEATHSIG fires when the *thread* that started it ends
+    log.error("the gateway exited with status %s", gateway[0].wait())
+
+
+# ------------------------------------------------------------------------------------------------ child processes
+def _replica_main(index: str) -> int:
+    """`python -m llada_xp.launch replica I`: serve the pickled ServeConfig read from stdin."""
+    import pickle
+
+    from llada_xp.loading import ModelLoadError
+    from llada_xp.server import serve
+
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][replica {index}][%(name)s][%(levelname)s] - "
+                                                   "%(message)s")
+    cfg = pickle.load(sys.stdin.buffer)
+    try:
+        serve(cfg)
+    except (ModelLoadError, ValueError, OSError) as e:
+        log.error("replica %s cannot serve: %s", index, e)
+        return 1
+    return 0
+
+
+def _gateway_main(argv: list[str]) -> int:
+    """`python -m llada_xp.launch gateway FLAGS`: sglang-router with the API key from $LLADA_XP_API_KEY."""
+    from sglang_router.launch_router import launch_router, parse_router_args
+
+    args = parse_router_args(argv)
+    args.api_key = os.environ.pop("LLADA_XP_API_KEY", "") or None
+    launch_router(args)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["replica"]:
+        sys.exit(_replica_main(sys.argv[2]))
+    if sys.argv[1:2] == ["gateway"]:
+        sys.exit(_gateway_main(sys.argv[2:]))
+    sys.exit("usage: python -m llada_xp.launch replica INDEX | gateway SGLANG_ROUTER_FLAGS (started by serve.py)")

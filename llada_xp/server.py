@@ -35,7 +35,8 @@ from llada_xp.sampler import Finished, Request as Row, Sampler, Tokens
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/server_info",
+             "/model_info", "/get_load")
 GENERATE = ("/v1/chat/completions", "/v1/completions")
 MAX_BODY_BYTES = 4 * 2**20  # a bigger request body gets 413 unread (a max-length prompt is far smaller)
 CHARS_PER_TOKEN = 32  # a prompt over max_length × this many characters cannot fit: 400 before it is tokenized
@@ -297,6 +298,32 @@ def create_app(cfg: ServeConfig, on_load_error: Optional[Callable[[Exception], N
     @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # What the sglang-router gateway asks a worker (llada_xp/launch.py runs it in front of replicas): /server_info
+    # and /model_info when it registers the worker (served_model_name becomes the model id on the gateway's
+    # /v1/models), /get_load
+    # every second under policy power_of_two (it sums num_tokens over the list: here rows in flight, not tokens).
+    @app.get("/server_info", responses={503: {"description": "The model is loading or failed to load"}})
+    async def server_info():
+        st = state.ready()
+        info = st.loaded.info
+        return {"served_model_name": st.names[0], "model_path": info.path, "aliases": st.names[1:],
+                "max_batch_size": st.engine.max_batch_size, "max_total_tokens": info.max_length,
+                "device": info.device, "version": app.version}
+
+    @app.get("/model_info", responses={503: {"description": "The model is loading or failed to load"}})
+    async def model_info():
+        st = state.ready()
+        return {"model_path": st.loaded.info.path, "tokenizer_path": st.loaded.info.path, "is_generation": True,
+                "model_type": getattr(st.loaded.model.config, "model_type", None),
+                "architectures": getattr(st.loaded.model.config, "architectures", None)}
+
+    @app.get("/get_load", responses={503: {"description": "The model is loading or failed to load"}})
+    async def get_load():
+        e = state.ready().engine
+        waiting, running = e.waiting, e.running
+        return [{"dp_rank": 0, "num_reqs": running + waiting, "num_waiting_reqs": waiting,
+                 "num_tokens": running + waiting}]
 
     @app.get("/v1/models", responses=_errors(401, 503))
     async def models():

@@ -134,6 +134,49 @@ def test_served_job_is_reachable_with_its_key_and_cancelled_by_ctrl_c(tmp_path, 
             proc.kill()
 
 
+@pytest.mark.skipif(shutil.which("sinfo") is None or not __import__("importlib").util.find_spec("sglang_router"),
+                    reason="needs SLURM and the gateway (pip install 'llada-xp[serve]')")
+def test_replicas_run_as_one_job_behind_one_url_with_the_key_and_ctrl_c_cancels_all(tmp_path, model_args):
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "launcher=slurm", *SMALL, "launcher.replicas=2",
+                             f"launcher.folder={tmp_path}/slurm/%j", *model_args, "server.port=0",
+                             f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, job_id = Output(proc), None
+    try:
+        job_id = out.wait_for(r"submitted job (\d+)", 120).group(1)
+        out.wait_for(r"Reconnect later", 400)  # three processes start on a loaded 2-core machine: minutes
+        assert out.text.count("llada-xp server is up") == 1 and "Replicas:     2 behind the gateway" in out.text
+        info = json.loads(Path(out.wait_for(r"Server info:\s+(\S+)", 1).group(1)).read_text())
+        assert info["job_id"] == job_id and len(info["replicas"]) == 2 and info["model"] == "tiny"
+        assert len({(r["node"], r["port"]) for r in info["replicas"]} | {(info["node"], info["port"])}) == 3
+        key = Path(info["key_file"]).read_text().strip()
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "cat"}], "max_tokens": 8}
+        url = info["base_url"] + "/chat/completions"
+        assert httpx.post(url, json=body, timeout=60).status_code == 401
+        assert httpx.post(url, json=body, timeout=60, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        for r in info["replicas"]:  # each replica wants the key too
+            assert httpx.post(r["url"] + "/v1/chat/completions", json=body, timeout=60).status_code == 401
+        assert subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%i"], capture_output=True,
+                              text=True).stdout.split() == [job_id]  # one job
+        connect = subprocess.run([sys.executable, "-m", "llada_xp.connect", job_id], capture_output=True, text=True,
+                                 cwd=ROOT, env=env(), timeout=60)
+        assert connect.returncode == 0 and f"port {info['port']}" in connect.stdout, connect.stdout + connect.stderr
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        assert sacct_state(job_id).startswith("CANCELLED")
+        for r in [*info["replicas"], info]:
+            with pytest.raises(httpx.TransportError):
+                httpx.get(r["url"] + "/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            if job_id:
+                subprocess.run(["scancel", job_id])  # a failed test leaves no job holding the CI node
+
+
 def test_job_that_dies_is_reported_with_slurm_state_and_log_tail(tmp_path):
     t0 = time.time()
     p = subprocess.run([sys.executable, str(ROOT / "serve.py"), "launcher=slurm", *SMALL,
