@@ -148,8 +148,11 @@ class ServerConfig:
     # Most rows waiting for a batch; a request that would exceed it gets 429 with Retry-After
     max_queue: int = 256
     # Most time a new batch waits for as many rows as the previous batch had (0 = start at once; one client alone
-    # never waits)
+    # never waits); scheduler=static only
     batch_window_ms: float = 20.0
+    # continuous: waiting rows join the running rows at the next step, each at its own block (sampler.py);
+    # static: a batch runs to its end and rows arriving meanwhile wait for the next one (the old behaviour)
+    scheduler: str = "continuous"
     # Log level of the server and uvicorn: critical | error | warning | info | debug | trace
     log_level: str = "info"
 
@@ -159,6 +162,7 @@ class ServerConfig:
         _at_least("max_batch_size", self.max_batch_size, 1, optional=True)
         _at_least("max_queue", self.max_queue, 1)
         _at_least("batch_window_ms", self.batch_window_ms, 0)
+        _one_of("scheduler", self.scheduler, ("continuous", "static"))
         _one_of("log_level", self.log_level, LOG_LEVELS)
 
 
