@@ -356,8 +356,11 @@ class EvalConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     # local | slurm: with -m and launcher=slurm every sweep point is one job of a SLURM job array
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    # Prompts per sampler batch (batches are fixed slices of the length-sorted examples)
+    # Prompts decoding together (batches are fixed slices of the length-sorted examples: the unit of sharding)
     batch_size: int = 16
+    # continuous: a new prompt joins as soon as one finishes, so batch_size rows decode until the task runs out;
+    # static: batch after batch, each run to its end (the old behaviour). The samples are the same either way
+    feed: str = "continuous"
     # Data-parallel sharding: this job evaluates every num_shards-th batch starting at shard_index;
     # `python -m llada_xp.evaluate merge` joins the shards' output dirs
     shard_index: int = 0
@@ -373,6 +376,7 @@ class EvalConfig:
 
     def check(self) -> None:
         _at_least("batch_size", self.batch_size, 1)
+        _one_of("feed", self.feed, ("continuous", "static"))
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}), got {self.shard_index}")
         if self.task.name == "lm_eval" and self.num_shards > 1:
