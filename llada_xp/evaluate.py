@@ -105,32 +105,19 @@ def _run(cfg: EvalConfig, task: tasks.Task, out: Path, logger) -> dict:
     sampler = Sampler(loaded.model, loaded.info.ids, decode=tok.decode)
     records = dict(done)
     bar = tqdm(total=len(mine), initial=len(done), desc=f"eval {task.name}", unit="sample", disable=not cfg.progress)
-    run_id, t0, rs = "", 0.0, None
     with open(path, "a") as f, bar:
-        def on_event(ev):
-            if isinstance(ev, Finished):  # written at once: a killed run loses no finished sample
-                i = ev.index
-                records[i] = _record(task, task.examples[i], ev.result, tok, key, run_id, loaded.info.threads)
-                records[i].update(run_s=time.perf_counter() - t0, run_forwards=rs.forwards)
-                f.write(json.dumps(records[i]) + "\n")
-                f.flush()
-                bar.update(1)
-                bar.set_postfix(accuracy=f"{sum(r['correct'] for r in records.values()) / len(records):.3f}",
-                                refresh=False)
+        def on_finished(i, result, run_id, run_s, run_forwards):  # written at once: a killed run loses no sample
+            records[i] = _record(task, task.examples[i], result, tok, key, run_id, loaded.info.threads)
+            records[i].update(run_s=run_s, run_forwards=run_forwards)
+            f.write(json.dumps(records[i]) + "\n")
+            f.flush()
+            bar.update(1)
+            bar.set_postfix(accuracy=f"{sum(r['correct'] for r in records.values()) / len(records):.3f}",
+                            refresh=False)
 
-        # continuous: one stream of this shard's examples, refilled as rows finish (batch_size rows decode until the
-        # task runs out); static: batch after batch, each run to its end
         todo = [[i for i in b if i not in done] for b in batches]
-        streams = [[i for b in todo for i in b]] if cfg.feed == "continuous" else [b for b in todo if b]
-        for stream in streams:
-            pending = deque(stream)
-            run_id, t0 = uuid.uuid4().hex[:8], time.perf_counter()
-            rs = sampler.running(on_event)
-            while pending or rs:
-                while pending and len(rs) < cfg.batch_size:
-                    i = pending.popleft()
-                    rs.add(_request(ids[i], cfg, i), i)
-                rs.step()
+        feed(sampler, {i: _request(ids[i], cfg, i) for b in todo for i in b}, todo, cfg.batch_size, cfg.feed,
+             on_finished)
     ordered = [records[i] for i in sorted(records)]
     metrics = summarize(ordered)
     metrics.update(complete=len(records) == len(mine), expected=len(mine), resumed=len(done), task=task.name,
@@ -194,6 +181,33 @@ def _run_lm_eval(cfg: EvalConfig, out: Path, logger) -> dict:
     log.info("%s on %s: %s -> %s", loaded.info.name, metrics["task"],
              ", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float) and "_stderr/" not in k), out)
     return metrics
+
+
+def feed(sampler: Sampler, requests: dict[int, Request], batches: list[list[int]], batch_size: int, how: str,
+         on_finished) -> None:
+    """Decode `requests` (by example index) through the sampler's running set; on_finished(index, result, run id,
+    run_s, run_forwards) as each finishes (run_s / run_forwards: the run's time and forwards so far).
+
+    continuous: one stream of the batches' examples in order, refilled as rows finish, so batch_size rows decode
+    until the task runs out (one run); static: batch after batch, each run to its end (one run each)."""
+    streams = [[i for b in batches for i in b]] if how == "continuous" else [b for b in batches if b]
+    for stream in streams:
+        pending = deque(stream)
+        run_id, t0 = uuid.uuid4().hex[:8], time.perf_counter()
+
+        def on_event(ev, run_id=run_id, t0=t0):
+            if isinstance(ev, Finished):
+                on_finished(ev.index, ev.result, run_id, time.perf_counter() - t0, rs.forwards)
+
+        rs = sampler.running(on_event)
+        try:
+            while pending or rs:
+                while pending and len(rs) < batch_size:
+                    i = pending.popleft()
+                    rs.add(requests[i], i)
+                rs.step()
+        finally:
+            rs.close()
 
 
 def shard_batches(ids: list[list[int]], batch_size: int, shard_index: int, num_shards: int) -> list[list[int]]:
