@@ -321,7 +321,8 @@ def _pct(xs: list[float], q: int) -> float:
     return xs[max(0, math.ceil(q / 100 * len(xs)) - 1)] if xs else float("nan")
 
 
-def _drive(sampler, scheduler: str, max_batch: int, arrivals: list[tuple[float, list[int], object]]) -> list[dict]:
+def _drive(sampler, scheduler: str, max_batch: int, arrivals: list[tuple[float, list[int], object]],
+           join_wait_steps: int = 4) -> list[dict]:
     """Submit (time, prompt, settings) at their times to a fresh Engine; per request: latency, tokens, nfe."""
     import asyncio
 
@@ -330,7 +331,7 @@ def _drive(sampler, scheduler: str, max_batch: int, arrivals: list[tuple[float, 
 
     async def main():
         eng = Engine(sampler, max_batch_size=max_batch, max_queue=10_000, batch_window_s=0,
-                     scheduler=scheduler).start()
+                     scheduler=scheduler, join_wait_steps=join_wait_steps).start()
         t0 = time.perf_counter()
 
         async def one(at, prompt, st):
@@ -377,7 +378,7 @@ def bench_scheduler(args) -> int:
     prompts = [prompt_ids(tok, e.prompt) for e in examples(max(args.requests, 64), HELD_OUT_SEED)]
     base = SamplerConfig()  # sampler=fast: dual cache, tau 0.9, early stop
     rng = random.Random(args.seed)
-    long = replace(base, gen_length=512, steps=512, threshold=None, early_stop=False)
+    long = replace(base, gen_length=args.long_gen, steps=args.long_gen, threshold=None, early_stop=False)
     short = replace(base, gen_length=32, steps=32)
     hol = [(0.0, prompts[0], long)] + [(0.05 + k * args.interval, prompts[1 + k], short) for k in range(args.shorts)]
     t, mixed = 0.0, []
@@ -389,13 +390,14 @@ def bench_scheduler(args) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
     print(f"scheduler bench: {loaded.info.name} ({loaded.info.dtype}) on {device} ({where}); max_batch_size "
-          f"{args.max_batch_size}; max length {model.config.max_sequence_length} (trained: {trained})")
+          f"{args.max_batch_size}; join_wait_steps {args.join_wait_steps}; max length {model.config.max_sequence_length}"
+          f" (trained: {trained})")
     rows = {}
     for sched in ("static", "continuous"):
         sampler = Sampler(model, loaded.info.ids, decode=tok.decode)
         _drive(sampler, sched, args.max_batch_size, hol[:3])  # warm-up
-        a = _drive(sampler, sched, args.max_batch_size, hol)
-        b = _drive(sampler, sched, args.max_batch_size, mixed)
+        a = _drive(sampler, sched, args.max_batch_size, hol, args.join_wait_steps)
+        b = _drive(sampler, sched, args.max_batch_size, mixed, args.join_wait_steps)
         lat = [r["latency"] for r in a[1:]]
         span = max(r["end"] for r in b) - min(r["start"] for r in b)
         rows[sched] = dict(a50=_pct(lat, 50), a99=_pct(lat, 99), along=a[0]["latency"],
@@ -418,7 +420,8 @@ def bench_scheduler(args) -> int:
                       for i, (res, _, _) in out.items())
         rows[how].update(fwd=forwards / len(out), wall=wall, acc=correct / len(out))
     s_, c_ = rows["static"], rows["continuous"]
-    print(f"(a) head-of-line: 1 request gen 512 quota steps 512 (early stop off) + {args.shorts} requests gen 32 "
+    print(f"(a) head-of-line: 1 request gen {args.long_gen} quota steps {args.long_gen} (early stop off) + "
+          f"{args.shorts} requests gen 32 "
           f"(tau 0.9) every {args.interval * 1000:.0f} ms")
     print(f"(b) Poisson load: {args.requests} requests at {args.rate}/s, gen 32/64/128/256, tau 0.9, early stop")
     print(f"(c) eval: demo task, {len(ids)} examples, gen_length {args.eval_gen_length}, tau 0.9, early stop, "
@@ -483,12 +486,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default="demo", help="demo, or a local model folder in the LLaDA Hub layout")
     c.add_argument("--threads", type=int, default=1, help="torch CPU threads (model.threads)")
     c.add_argument("--max-batch-size", type=int, default=8)
+    c.add_argument("--join-wait-steps", type=int, default=4, help="server.join_wait_steps")
     c.add_argument("--max-length", type=int, default=1024,
                    help="raise the model's max_sequence_length to this (the demo's is 256; gen 512 needs more)")
+    c.add_argument("--long-gen", type=int, default=512, help="(a) gen_length and steps of the long request")
     c.add_argument("--shorts", type=int, default=20, help="(a) short requests")
     c.add_argument("--interval", type=float, default=0.1, help="(a) seconds between short requests")
     c.add_argument("--requests", type=int, default=200, help="(b) requests")
-    c.add_argument("--rate", type=float, default=40.0, help="(b) mean arrivals per second")
+    c.add_argument("--rate", type=float, default=20.0, help="(b) mean arrivals per second")
     c.add_argument("--seed", type=int, default=0, help="(b) arrival times and gen lengths")
     c.add_argument("--eval-limit", type=int, default=200, help="(c) demo task examples")
     c.add_argument("--eval-batch-size", type=int, default=16, help="(c) batch_size")

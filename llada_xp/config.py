@@ -153,6 +153,9 @@ class ServerConfig:
     # continuous: waiting rows join the running rows at the next step, each at its own block (sampler.py);
     # static: a batch runs to its end and rows arriving meanwhile wait for the next one (the old behaviour)
     scheduler: str = "continuous"
+    # continuous: a waiting row joins at a step where a running row starts a block (no forward of its own), or once
+    # it has waited this many steps with room (0 = at the next step, always)
+    join_wait_steps: int = 4
     # Log level of the server and uvicorn: critical | error | warning | info | debug | trace
     log_level: str = "info"
 
@@ -163,6 +166,7 @@ class ServerConfig:
         _at_least("max_queue", self.max_queue, 1)
         _at_least("batch_window_ms", self.batch_window_ms, 0)
         _one_of("scheduler", self.scheduler, ("continuous", "static"))
+        _at_least("join_wait_steps", self.join_wait_steps, 0)
         _one_of("log_level", self.log_level, LOG_LEVELS)
 
 

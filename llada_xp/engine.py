@@ -4,7 +4,9 @@ Rows (one sampler Request per choice) wait in a bounded queue. Two schedulers:
 - `continuous` (default): before every step of the sampler's running set, the worker admits waiting rows, oldest
   first, while the set has fewer than max_batch_size rows; a row starts at that step, at its own first block, and
   leaves when it finishes (each row's length is checked against the model alone: nothing else must be shared).
-  A row waits at most one step once there is room. `batch_window_s` is not used (a late row joins the next step).
+  A joining row needs a whole-canvas forward; it costs no extra forward at a step where a running row starts a
+  block (`RunningSet.joins_free`), so rows join at such steps, or once the oldest has waited `join_wait_steps`
+  steps with room (0: at the next step, always). `batch_window_s` is not used.
 - `static` (the old behaviour, kept for comparison): the worker takes the oldest waiting row and the waiting rows
   that share its `shared_key` (oldest first, up to max_batch_size) and decodes them to the end; rows arriving
   meanwhile wait for the next batch (`batch_window_s` lets a batch gather the rows of clients that come back
@@ -57,6 +59,7 @@ class _Row:
     index: int  # choice index inside the job
     request: Request
     queued: float = field(default_factory=time.monotonic)
+    queued_step: int = 0  # the engine's step count when it was queued (continuous)
 
 
 @dataclass
@@ -91,13 +94,14 @@ class Engine:
 
     def __init__(self, sampler: Sampler, max_batch_size: int = 16, max_queue: int = 256,
                  batch_window_s: float = 0.0, scheduler: str = "continuous",
-                 on_admit: Optional[Callable[[float, bool], None]] = None):
+                 on_admit: Optional[Callable[[float, bool], None]] = None, join_wait_steps: int = 4):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size}, {max_queue}")
         if scheduler not in ("continuous", "static"):
             raise ValueError(f"scheduler must be continuous or static, got {scheduler!r}")
         self.sampler, self.max_batch_size, self.max_queue = sampler, max_batch_size, max_queue
-        self.batch_window_s, self.scheduler = batch_window_s, scheduler
+        self.batch_window_s, self.scheduler, self.join_wait_steps = batch_window_s, scheduler, join_wait_steps
+        self.steps = 0  # continuous: steps of the running set so far
         self.on_admit = on_admit or (lambda wait_s, mid_batch: None)
         self.admitted_mid_batch = 0  # rows that joined rows already running (continuous)
         self._live: dict[int, _Row] = {}  # continuous: running rows by their key in the running set
@@ -126,7 +130,7 @@ class Engine:
             if len(requests) > self.max_queue:
                 raise ValueError(f"{len(requests)} rows can never fit the queue (max_queue={self.max_queue})")
             self.check_room(len(requests))
-            self._waiting.extend(_Row(job, i, r) for i, r in enumerate(requests))
+            self._waiting.extend(_Row(job, i, r, queued_step=self.steps) for i, r in enumerate(requests))
             self._cond.notify()
         return job
 
@@ -157,7 +161,7 @@ class Engine:
             dropped = list(self._waiting)
             self._waiting.clear()
             self._cond.notify_all()
-        for row in list(self._current) + list(self._live.values()):
+        for row in list(self._current) + list(self._live.copy().values()):  # copy: the worker changes it
             row.request.abort()
         for row in dropped:
             row.request.abort()
@@ -261,6 +265,7 @@ class Engine:
                 continue
             try:
                 rs.step()
+                self.steps += 1
             except Exception as e:  # the running rows' callers get the error; the worker goes on
                 log.exception("a step of %d running rows failed", len(self._live))
                 for row in self._live.values():
@@ -274,6 +279,8 @@ class Engine:
         """Move waiting rows into the running set, oldest first, up to max_batch_size (under the lock)."""
         refused, mid = [], bool(rs)
         now = time.monotonic()
+        if self._waiting and not rs.joins_free and self.steps - self._waiting[0].queued_step < self.join_wait_steps:
+            return refused  # joining now would cost a forward of its own; the next block start is near
         while self._waiting and len(rs) < self.max_batch_size:
             row = self._waiting.popleft()
             key, self._keys = self._keys, self._keys + 1

@@ -188,8 +188,9 @@ def feed(sampler: Sampler, requests: dict[int, Request], batches: list[list[int]
     """Decode `requests` (by example index) through the sampler's running set; on_finished(index, result, run id,
     run_s, run_forwards) as each finishes (run_s / run_forwards: the run's time and forwards so far).
 
-    continuous: one stream of the batches' examples in order, refilled as rows finish, so batch_size rows decode
-    until the task runs out (one run); static: batch after batch, each run to its end (one run each)."""
+    continuous: one stream of the batches' examples in order, refilled as rows finish (at steps where joining costs
+    no extra forward, or once the set is half empty), so the set stays full until the task runs out (one run);
+    static: batch after batch, each run to its end (one run each)."""
     streams = [[i for b in batches for i in b]] if how == "continuous" else [b for b in batches if b]
     for stream in streams:
         pending = deque(stream)
@@ -202,9 +203,12 @@ def feed(sampler: Sampler, requests: dict[int, Request], batches: list[list[int]
         rs = sampler.running(on_event)
         try:
             while pending or rs:
-                while pending and len(rs) < batch_size:
-                    i = pending.popleft()
-                    rs.add(requests[i], i)
+                # join where it costs no forward of its own (a running row starts a block), or before the set is
+                # down to half full
+                if rs.joins_free or len(rs) <= batch_size // 2:
+                    while pending and len(rs) < batch_size:
+                        i = pending.popleft()
+                        rs.add(requests[i], i)
                 rs.step()
         finally:
             rs.close()

@@ -29,6 +29,9 @@ temperature, seed and stop are all per row.
   starting rows costs what their block start costs anyway plus, on a GPU where small batches are bound by reading
   the weights, one more weight read. Cached forwards read the rows' cache rows with an index (a copy of their K/V)
   unless the group is every cache row in order.
+- Host synchronisations per forward group at temperature 0: the masked columns (`nonzero`: the float64 softmax runs
+  on those [M, V] rows only) and the committed tokens (`.tolist()`, which the stop checks and streaming need); on a
+  GPU one more to time the forward. Temperature > 0 and `random` remasking add per-row draws (each row's generator).
 
 Documented rules beyond the references (identical to them whenever their preconditions hold):
 - gen_length not divisible by block_length: the last block is shorter.
@@ -261,6 +264,12 @@ class RunningSet:
     def __len__(self) -> int:
         return len(self.rows) + len(self.joining)
 
+    @property
+    def joins_free(self) -> bool:
+        """Would a row added now cost no extra forward? True when the set is empty or some row takes a whole-canvas
+        forward at the next step anyway (it starts a block, has no cache, or is joining): a joining row needs one."""
+        return not self.rows or bool(self.joining) or any(r.left == 0 or r.st.cache == "none" for r in self.rows)
+
     def add(self, request: Request, key) -> None:
         """Hand a row over; it starts at the next `step`. Events of this row carry `key` as their index."""
         self.s.check(request)
@@ -396,15 +405,16 @@ class RunningSet:
                 cols = masked[i].nonzero().squeeze(-1)
                 u = torch.rand((cols.numel(), V), dtype=torch.float64, device=dev, generator=r.gen)
                 pred[i, cols] = (logits[i, cols].double().exp() / (-torch.log(u)) ** r.st.temperature).argmax(-1)
-        lc = logits[masked].double()  # [M, V]: softmax only where masked
+        at = masked.nonzero(as_tuple=True)  # the masked columns (a host synchronisation: M is data-dependent)
+        lc = logits[at].double()  # [M, V]: float64 softmax only where masked
         eos_conf = [r.st.confidence_eos_eot_inf for r in group]
         if any(eos_conf):
             stops = torch.zeros(V, dtype=torch.bool, device=dev)
             stops[list(ids.stops)] = True
-            rowflag = torch.tensor(eos_conf, device=dev)[:, None].expand(B, n)[masked]
+            rowflag = torch.tensor(eos_conf, device=dev)[at[0]]
             lc.masked_fill_(rowflag[:, None] & stops, -torch.inf)
         conf = torch.full((B, n), -torch.inf, dtype=torch.float64, device=dev)
-        conf[masked] = torch.softmax(lc, -1).gather(-1, pred[masked][:, None]).squeeze(-1)
+        conf[at] = torch.softmax(lc, -1).gather(-1, pred[at][:, None]).squeeze(-1)
         for i, r in enumerate(group):
             if r.st.remasking == "random":
                 cols = masked[i].nonzero().squeeze(-1)
@@ -424,7 +434,7 @@ class RunningSet:
         select = torch.zeros_like(masked).scatter(-1, order, take)
         new = torch.where(select, pred, xb)
         self.x[slot[:, None], bcols] = new
-        host = torch.cat([k[:, None], new], 1).tolist()  # the one host synchronisation of the commit
+        host = torch.cat([k[:, None], new], 1).tolist()  # the commit's second host synchronisation
         out = {}
         for r, (c, *blk) in zip(group, host):
             r.stats.committed += c

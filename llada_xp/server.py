@@ -97,7 +97,7 @@ class _State:
             sampler = Sampler(loaded.model, loaded.info.ids, decode=loaded.tokenizer.decode)
             s = self.cfg.server
             engine = Engine(sampler, max_batch_size(s, loaded.info.device), s.max_queue, s.batch_window_ms / 1000,
-                            s.scheduler, self.metrics.admitted)
+                            s.scheduler, self.metrics.admitted, s.join_wait_steps)
             self.loaded, self.created = loaded, now()
             self.engine = engine.start()  # last: a set engine means ready
             log.info("ready: serving %s as %s", loaded.info.path, self.names)
