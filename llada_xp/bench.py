@@ -392,18 +392,19 @@ def bench_scheduler(args) -> int:
     print(f"scheduler bench: {loaded.info.name} ({loaded.info.dtype}) on {device} ({where}); max_batch_size "
           f"{args.max_batch_size}; join_wait_steps {args.join_wait_steps}; max length {model.config.max_sequence_length}"
           f" (trained: {trained})")
-    rows = {}
-    for sched in ("static", "continuous"):
-        sampler = Sampler(model, loaded.info.ids, decode=tok.decode)
-        _drive(sampler, sched, args.max_batch_size, hol[:3])  # warm-up
+    rows: dict[str, dict] = {"static": {}, "continuous": {}}
+    sampler = Sampler(model, loaded.info.ids, decode=tok.decode)
+    _drive(sampler, "continuous", args.max_batch_size, hol[:3])  # warm-up
+    for sched in ("static", "continuous"):  # each part for both schedulers back to back: a shared machine drifts
         a = _drive(sampler, sched, args.max_batch_size, hol, args.join_wait_steps)
-        b = _drive(sampler, sched, args.max_batch_size, mixed, args.join_wait_steps)
         lat = [r["latency"] for r in a[1:]]
+        rows[sched].update(a50=_pct(lat, 50), a99=_pct(lat, 99), along=a[0]["latency"])
+    for sched in ("static", "continuous"):
+        b = _drive(sampler, sched, args.max_batch_size, mixed, args.join_wait_steps)
         span = max(r["end"] for r in b) - min(r["start"] for r in b)
-        rows[sched] = dict(a50=_pct(lat, 50), a99=_pct(lat, 99), along=a[0]["latency"],
-                           tps=sum(r["tokens"] for r in b) / span,
-                           b50=_pct([r["latency"] for r in b], 50), b99=_pct([r["latency"] for r in b], 99))
-        log.info("%s: done (a) and (b)", sched)
+        rows[sched].update(tps=sum(r["tokens"] for r in b) / span, b50=_pct([r["latency"] for r in b], 50),
+                           b99=_pct([r["latency"] for r in b], 99))
+    log.info("done (a) and (b)")
     task = tasks.load(TaskConfig(name="demo", limit=args.eval_limit))
     ids = [task.prompt_ids(ex, tok) for ex in task.examples]
     st = replace(base, gen_length=args.eval_gen_length, steps=args.eval_gen_length)
