@@ -356,7 +356,6 @@ def _drive(sampler, scheduler: str, max_batch: int, arrivals: list[tuple[float, 
 
 def bench_scheduler(args) -> int:
     import random
-    import tempfile
     from dataclasses import replace
 
     import torch
@@ -388,9 +387,11 @@ def bench_scheduler(args) -> int:
         mixed.append((t, prompts[k % len(prompts)], replace(base, gen_length=g, steps=g, threshold=0.9)))
     device = next(model.parameters()).device
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " \
+        f"{torch.get_num_threads()} torch threads"
     print(f"scheduler bench: {loaded.info.name} ({loaded.info.dtype}) on {device} ({where}); max_batch_size "
-          f"{args.max_batch_size}; join_wait_steps {args.join_wait_steps}; max length {model.config.max_sequence_length}"
+          f"{args.max_batch_size}; join_wait_steps {args.join_wait_steps}; max length "
+          f"{model.config.max_sequence_length}"
           f" (trained: {trained})")
     rows: dict[str, dict] = {"static": {}, "continuous": {}}
     sampler = Sampler(model, loaded.info.ids, decode=tok.decode)
@@ -426,8 +427,8 @@ def bench_scheduler(args) -> int:
           f"(tau 0.9) every {args.interval * 1000:.0f} ms")
     print(f"(b) Poisson load: {args.requests} requests at {args.rate}/s, gen 32/64/128/256, tau 0.9, early stop")
     print(f"(c) eval: demo task, {len(ids)} examples, gen_length {args.eval_gen_length}, tau 0.9, early stop, "
-          f"batch_size {args.eval_batch_size}" + (f" (the model was trained on canvases up to {trained} columns: "
-                                                 f"accuracy is not meaningful beyond)" if args.eval_gen_length +
+          f"batch_size {args.eval_batch_size}" + (f" (beyond the model's own max length, {trained}: "
+                                                 f"its answers are not meaningful)" if args.eval_gen_length +
                                                  max(map(len, ids)) > trained else ""))
     print("| | static | continuous | ratio |")
     print("|---|---:|---:|---:|")
