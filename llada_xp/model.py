@@ -206,6 +206,16 @@ class KVCache(nn.Module):
         self.v[:, :, start:start + v.shape[2]] = v
         return self.k, self.v
 
+    def update_at(self, rows, cols, k, v, keys: int):
+        """Rows at their own columns: write k, v [B, H, n, D] at columns cols [B, n] of cache rows `rows` [B]
+        (None = every row, in order); return the first `keys` columns of those rows."""
+        r = torch.arange(k.shape[0], device=k.device) if rows is None else rows
+        self.k[r[:, None], :, cols] = k.transpose(1, 2)
+        self.v[r[:, None], :, cols] = v.transpose(1, 2)
+        if rows is None:
+            return self.k[:, :, :keys], self.v[:, :, :keys]
+        return self.k[rows, :, :keys], self.v[rows, :, :keys]
+
 
 class Block(nn.Module):
     """llama: q/k/v_proj, MLP act(ff_proj) * up_proj; sequential: fused att_proj [q; k; v], MLP act(ff_proj)."""
@@ -232,7 +242,7 @@ class Block(nn.Module):
         self.ff_out = nn.Linear(width // 2 if c.activation_type == "swiglu" else width, d, bias=bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, h, pos, start: int, key_mask, use_cache: bool):
+    def forward(self, h, pos, start: int, key_mask, use_cache: bool, rows=None, at: bool = False):
         B, n, d = h.shape
         a = self.attn_norm(h)
         if hasattr(self, "att_proj"):
@@ -247,7 +257,9 @@ class Block(nn.Module):
         k, v = (t.view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
         if self.theta is not None:
             q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
-        if use_cache:
+        if use_cache and at:  # rows at their own positions: pos are the cache columns, key_mask the keys
+            k, v = self.kv_cache.update_at(rows, pos, k, v, key_mask.shape[-1])
+        elif use_cache:
             k, v = self.kv_cache.update(start, k, v)
         # Bidirectional: every query sees every (non-pad) key; key_mask: [B, 1, 1, Lk] or None.
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=self.n_kv_heads != self.n_heads)
@@ -312,6 +324,21 @@ class LLaDAModelLM(PreTrainedModel):
         for blk in self.transformer.blocks:
             blk.kv_cache = KVCache(batch, c.kv_heads, length, c.head_dim, p.dtype, p.device)
 
+    def grow_cache(self, batch: int, length: int):
+        """Room for at least `batch` rows and `length` columns; what is cached stays, new room is zeros (masked
+        keys must be finite: a zero attention weight times NaN is NaN)."""
+        p, c = self.transformer.wte.weight, self.config
+        for blk in self.transformer.blocks:
+            old = blk.kv_cache
+            b0, l0 = (old.k.shape[0], old.k.shape[2]) if old is not None else (0, 0)
+            if b0 >= batch and l0 >= length:
+                continue
+            new = KVCache(max(b0, batch), c.kv_heads, max(l0, length), c.head_dim, p.dtype, p.device)
+            new.k.zero_(), new.v.zero_()
+            if old is not None:
+                new.k[:b0, :, :l0], new.v[:b0, :, :l0] = old.k, old.v
+            blk.kv_cache = new
+
     def select_cache_rows(self, rows: torch.Tensor):
         """Keep only these batch rows of the cache (the batch shrank)."""
         for blk in self.transformer.blocks:
@@ -322,20 +349,29 @@ class LLaDAModelLM(PreTrainedModel):
             blk.kv_cache = None
 
     def forward(self, input_ids, attention_mask=None, start: int = 0, use_cache: bool = False,
-                logits_slice: slice | None = None, **kwargs):
+                logits_slice: slice | torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
+                cache_rows: torch.Tensor | None = None, **kwargs):
         """Logits for canvas columns [start, start + n) given as input_ids [B, n].
 
         attention_mask: [B, L] over the whole canvas (1 = real token, 0 = padding). Positions count real tokens,
           so a left-padded row gets the same RoPE positions as when it runs alone. None = no padding.
         use_cache: write this range's K/V into the cache and attend to all cached columns (setup_cache first).
           Prefix mode forwards [s, L) after a full forward; dual mode forwards [s, e) of a full cache.
-        logits_slice: columns (relative to start) to compute logits for; None = all n.
+        logits_slice: columns (relative to start) to compute logits for: a slice, or per-row indices [B, m];
+          None = all n.
+        input_pos: [B, n] rows at their own positions (the sampler's running set): each input column's RoPE position
+          and, with use_cache, its cache column in cache row `cache_rows` [B] (None = every cache row, in order).
+          attention_mask [B, Lk] (required) is then the key mask: over the n input columns without use_cache, over
+          the first Lk cached columns with it. `start` is unused.
         """
         if kwargs.get("past_key_values") is not None:
             raise ValueError("past_key_values is not supported: use setup_cache() and use_cache=True")
         B, n = input_ids.shape
         dev, c, t = input_ids.device, self.config, self.transformer
-        if attention_mask is None:
+        at = input_pos is not None
+        if at:
+            pos, key_mask = input_pos.to(dev), attention_mask.to(dev).bool()[:, None, None, :]
+        elif attention_mask is None:
             pos = torch.arange(start, start + n, device=dev).expand(B, n)
             key_mask = None
         else:
@@ -348,8 +384,10 @@ class LLaDAModelLM(PreTrainedModel):
         if not c.rope:
             h = h + t.wpe(pos)
         for blk in t.blocks:
-            h = blk(h, pos, start, key_mask, use_cache)
-        if logits_slice is not None:
+            h = blk(h, pos, start, key_mask, use_cache, cache_rows, at)
+        if isinstance(logits_slice, torch.Tensor):
+            h = h.gather(1, logits_slice[..., None].expand(-1, -1, h.shape[-1]))
+        elif logits_slice is not None:
             h = h[:, logits_slice]
         h = t.ln_f(h)
         logits = F.linear(h, t.wte.weight) if c.weight_tying else t.ff_out(h)
