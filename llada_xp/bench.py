@@ -169,8 +169,6 @@ def bench_replicas(args: argparse.Namespace, counts: list[int]) -> int:
     the other on this machine; then aggregate tokens/s relative to the first N, and p99 latency."""
     import tempfile
 
-    import httpx
-
     levels = [int(c) for c in args.concurrency.split(",")]
     prompts = _prompts(max(args.requests, max(levels) * args.rounds))
     model = ["model=demo"] if args.model == "demo" else ["model=hf", f"model.path={args.model}"]
@@ -489,8 +487,8 @@ def bench_scheduler(args) -> int:
         sampler = Sampler(model, loaded.info.ids, decode=tok.decode)
         out: dict[int, tuple] = {}
         t0 = time.perf_counter()
-        evaluate.feed(sampler, {i: Request(ids[i], st) for i in range(len(ids))}, batches,
-                      args.eval_batch_size, how, lambda i, res, run, s, f: out.__setitem__(i, (res, run, f)))
+        sampler.feed({i: Request(ids[i], st) for i in range(len(ids))}, batches,
+                     args.eval_batch_size, how, lambda i, res, run, s, f: out.__setitem__(i, (res, run, f)))
         wall = time.perf_counter() - t0
         forwards = sum(max(f for _, r, f in out.values() if r == run) for run in {r for _, r, _ in out.values()})
         correct = sum(task.score(tok.decode(res.tokens, skip_special_tokens=True), task.examples[i].reference)

@@ -19,9 +19,6 @@ import netrc
 import os
 import platform
 import socket
-import time
-import uuid
-from collections import deque
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
@@ -33,7 +30,7 @@ from tqdm.auto import tqdm
 from llada_xp import tasks
 from llada_xp.config import EvalConfig, LoggerConfig, check
 from llada_xp.loading import load_model
-from llada_xp.sampler import Finished, Request, Sampler
+from llada_xp.sampler import Request, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +114,8 @@ def _run(cfg: EvalConfig, task: tasks.Task, out: Path, logger) -> dict:
                             refresh=False)
 
         todo = [[i for i in b if i not in done] for b in batches]
-        feed(sampler, {i: _request(ids[i], cfg, i) for b in todo for i in b}, todo, cfg.batch_size, cfg.feed,
-             on_finished)
+        sampler.feed({i: _request(ids[i], cfg, i) for b in todo for i in b}, todo, cfg.batch_size, cfg.feed,
+                     on_finished)
     ordered = [records[i] for i in sorted(records)]
     metrics = summarize(ordered)
     metrics.update(complete=len(records) == len(mine), expected=len(mine), resumed=len(done), task=task.name,
@@ -189,37 +186,6 @@ def _lm_eval_metrics(results: dict, records: list[dict], generations: list[dict]
     if likelihood["loglikelihood_requests"]:
         metrics.update(likelihood)
     return metrics
-
-
-def feed(sampler: Sampler, requests: dict[int, Request], batches: list[list[int]], batch_size: int, how: str,
-         on_finished) -> None:
-    """Decode `requests` (by example index) through the sampler's running set; on_finished(index, result, run id,
-    run_s, run_forwards) as each finishes (run_s / run_forwards: the run's time and forwards so far).
-
-    continuous: one stream of the batches' examples in order, refilled as rows finish (at steps where joining costs
-    no extra forward, or once the set is half empty), so the set stays full until the task runs out (one run);
-    static: batch after batch, each run to its end (one run each)."""
-    streams = [[i for b in batches for i in b]] if how == "continuous" else [b for b in batches if b]
-    for stream in streams:
-        pending = deque(stream)
-        run_id, t0 = uuid.uuid4().hex[:8], time.perf_counter()
-
-        def on_event(ev, run_id=run_id, t0=t0):
-            if isinstance(ev, Finished):
-                on_finished(ev.index, ev.result, run_id, time.perf_counter() - t0, rs.forwards)
-
-        rs = sampler.running(on_event)
-        try:
-            while pending or rs:
-                # join where it costs no forward of its own (a running row starts a block), or before the set is
-                # down to half full
-                if rs.joins_free or len(rs) <= batch_size // 2:
-                    while pending and len(rs) < batch_size:
-                        i = pending.popleft()
-                        rs.add(requests[i], i)
-                rs.step()
-        finally:
-            rs.close()
 
 
 def shard_batches(ids: list[list[int]], batch_size: int, shard_index: int, num_shards: int) -> list[list[int]]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -92,10 +91,6 @@ def sampler_settings(base: SamplerConfig, gen_kwargs: dict[str, Any]) -> Sampler
     return s
 
 
-def _settings_key(s: SamplerConfig) -> str:
-    return repr(dataclasses.astuple(dataclasses.replace(s, seed=None)))
-
-
 class LladaLM(LM):
     """A loaded LLaDA model (loading.py) as an lm-eval LM. `records` collects one dict per generation request (the
     sampler's stats: nfe, tokens, committed, latency, batch) for the speed figures evaluate.py reports.
@@ -106,11 +101,11 @@ class LladaLM(LM):
 
     def __init__(self, model, tokenizer, ids: SpecialIds, sampler: SamplerConfig, batch_size: int = 16,
                  elbo: Any = None, threads: Optional[int] = None, progress: Optional[Callable[[int], None]] = None,
-                 check_greedy: bool = False):
+                 check_greedy: bool = False, feed: str = "continuous"):
         super().__init__()
         self.model, self.tokenizer, self.ids = model, tokenizer, ids
         self.sampler_cfg, self.batch_size, self.elbo, self.threads = sampler, batch_size, elbo, threads
-        self.check_greedy = check_greedy
+        self.check_greedy, self.feed = check_greedy, feed
         self.sampler = Sampler(model, ids, decode=tokenizer.decode)
         self.records: list[dict] = []  # one per generation request
         self.positions: dict[int, tuple[int, int]] = {}
@@ -142,12 +137,14 @@ class LladaLM(LM):
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """Batches of `batch_size` requests with equal settings (sorted by prompt length, as evaluate.py batches),
-        each through `Sampler.generate`. When sampler.seed is set, the request at place i of the whole evaluation's
+        """The requests sorted by prompt length (as evaluate.py orders examples) through `Sampler.feed`: at most
+        `batch_size` decode together, refilled as they finish (`feed`=continuous; per-request settings such as a
+        task's own max_gen_toks or until strings may differ within the running set) or batch after batch
+        (static). When sampler.seed is set, the request at place i of the whole evaluation's
         generation requests (`positions`; else of this call) draws from seed + i."""
         settings, places, docs, copies = [], [], [], defaultdict(int)
         for i, r in enumerate(requests):
-            context, gen_kwargs = r.args[0], (r.args[1] if len(r.args) > 1 else {})
+            gen_kwargs = r.args[1] if len(r.args) > 1 else {}
             try:
                 s = sampler_settings(self.sampler_cfg, gen_kwargs)
             except LmEvalError as e:
@@ -165,26 +162,23 @@ class LladaLM(LM):
                         "sampler.gen_length=%d (task.gen_kwargs={max_gen_toks: N} chooses it)", task, gen_length,
                         self.sampler_cfg.gen_length)
         prompts = [self.encode(r.args[0]) for r in requests]
-        groups: dict[str, list[int]] = {}
-        for i, s in enumerate(settings):
-            groups.setdefault(_settings_key(s), []).append(i)
+        order = sorted(range(len(requests)), key=lambda i: (len(prompts[i]), i))
+        batches = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
         out: list[Optional[str]] = [None] * len(requests)
-        for members in groups.values():
-            members.sort(key=lambda i: (len(prompts[i]), i))
-            for k in range(0, len(members), self.batch_size):
-                batch = members[k:k + self.batch_size]
-                batch_id = uuid.uuid4().hex[:8]
-                results = self.sampler.generate([Request(prompts[i], settings[i]) for i in batch])
-                for i, res in zip(batch, results):
-                    out[i] = res.text  # decoded and cut at the stop string by the sampler
-                    self.cache_hook.add_partial("generate_until", requests[i].args, out[i])  # resume: kept at once
-                    st = res.stats
-                    self.records.append(dict(request=places[i], task=requests[i].task_name, doc_id=docs[i],
-                                             token_ids=res.tokens,
-                                             nfe=st.nfe, tokens=len(res.tokens), committed=st.committed,
-                                             finish_reason=res.finish_reason, latency_s=st.wall_s,
-                                             forward_s=st.forward_s, batch=batch_id, threads=self.threads))
-                self.progress(len(batch))
+
+        def finished(i, res, run_id, run_s, run_forwards):
+            out[i] = res.text  # decoded and cut at the stop string by the sampler
+            self.cache_hook.add_partial("generate_until", requests[i].args, out[i])  # resume: kept at once
+            st = res.stats
+            self.records.append(dict(request=places[i], task=requests[i].task_name, doc_id=docs[i],
+                                     token_ids=res.tokens, nfe=st.nfe, tokens=len(res.tokens),
+                                     committed=st.committed, finish_reason=res.finish_reason, latency_s=st.wall_s,
+                                     forward_s=st.forward_s, batch=run_id, run_s=run_s, run_forwards=run_forwards,
+                                     threads=self.threads))
+            self.progress(1)
+
+        self.sampler.feed({i: Request(prompts[i], settings[i]) for i in order}, batches, self.batch_size, self.feed,
+                          finished)
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ likelihood
@@ -246,7 +240,7 @@ def run_tasks(cfg: EvalConfig, loaded, progress: Optional[Callable[[int], None]]
     t = cfg.task
     elbo = ELBO(mc_num=t.mc_num, batch_size=t.mc_batch_size, cfg_scale=t.cfg_scale, seed=t.mc_seed)
     lm = LladaLM(loaded.model, loaded.tokenizer, loaded.info.ids, cfg.sampler, cfg.batch_size, elbo=elbo,
-                 threads=loaded.info.threads, progress=progress, check_greedy=t.check_greedy)
+                 threads=loaded.info.threads, progress=progress, check_greedy=t.check_greedy, feed=cfg.feed)
     manager = _task_manager(t.include_path, t.tasks)
     started = time.perf_counter()
     try:

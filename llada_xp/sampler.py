@@ -54,6 +54,8 @@ Documented rules beyond the references (identical to them whenever their precond
 from __future__ import annotations
 
 import time
+import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -207,6 +209,37 @@ class Sampler:
         finally:
             rs.close()
         return results
+
+    def feed(self, requests: dict[int, Request], batches: list[list[int]], batch_size: int, how: str,
+             on_finished: Callable) -> None:
+        """Decode `requests` (by key) through running sets; on_finished(key, result, run id, run_s, run_forwards) as
+        each finishes (run_s / run_forwards: the run's time and forwards so far). What eval.py and the lm-eval
+        adapter decode with.
+
+        continuous: one stream of the batches' keys in order, refilled as rows finish (at steps where joining costs
+        no extra forward, or once the set is half empty), so at most batch_size rows decode until the stream runs
+        out (one run); static: batch after batch, each run to its end (one run each)."""
+        if how not in ("continuous", "static"):
+            raise ValueError(f"how must be continuous or static, got {how!r}")
+        streams = [[i for b in batches for i in b]] if how == "continuous" else [b for b in batches if b]
+        for stream in streams:
+            pending = deque(stream)
+            run_id, t0 = uuid.uuid4().hex[:8], time.perf_counter()
+
+            def on_event(ev, run_id=run_id, t0=t0):
+                if isinstance(ev, Finished):
+                    on_finished(ev.index, ev.result, run_id, time.perf_counter() - t0, rs.forwards)
+
+            rs = self.running(on_event)
+            try:
+                while pending or rs:
+                    if rs.joins_free or len(rs) <= batch_size // 2:
+                        while pending and len(rs) < batch_size:
+                            i = pending.popleft()
+                            rs.add(requests[i], i)
+                    rs.step()
+            finally:
+                rs.close()
 
 
 class _Row:

@@ -61,16 +61,20 @@ def test_generate_until_gives_the_samplers_tokens(demo, settings, batch_size):
         assert sum(t == q["answer"] for t, q in zip(texts, QUESTIONS)) >= 6
 
 
-def test_requests_with_different_settings_go_to_different_batches(demo):
+def test_requests_with_different_settings_decode_together_each_as_alone(demo):
     tok = demo.tokenizer
-    lm = LladaLM(demo.model, tok, demo.info.ids, SamplerConfig(gen_length=32, block_length=8), batch_size=8)
+    base = SamplerConfig(gen_length=32, block_length=8)
+    lm = LladaLM(demo.model, tok, demo.info.ids, base, batch_size=8)
     reqs = instances([chat(tok, q["prompt"]) for q in QUESTIONS[:4]], {"max_gen_toks": 32})
-    reqs[1].arguments[1]["block_length"] = 16  # a setting a batch must share
-    lm.generate_until(reqs)
-    batches = {}
+    reqs[1].arguments[1]["block_length"] = 16  # the running set lets rows differ in every setting
+    texts = lm.generate_until(reqs)
+    assert len({r["batch"] for r in lm.records}) == 1  # one continuous run, no batch per setting
+    sampler = Sampler(demo.model, demo.info.ids, decode=tok.decode)
     for r in lm.records:
-        batches.setdefault(r["batch"], set()).add(r["request"])
-    assert sorted(map(sorted, batches.values())) == [[0, 2, 3], [1]]
+        i = r["request"]
+        s = sampler_settings(base, reqs[i].args[1])
+        alone = sampler.generate([Request(lm.encode(reqs[i].args[0]), s)])[0]
+        assert (r["token_ids"], texts[i]) == (alone.tokens, alone.text)
 
 
 def test_gen_kwargs_map_to_sampler_settings():
