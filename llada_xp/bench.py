@@ -1,7 +1,7 @@
 """Benchmarks (CLI).
 
     python -m llada_xp.bench server [--concurrency 1,4,16] [--model demo|PATH] [--url URL] [--replicas 1,2]
-                                    [overrides]
+                                    [--policy round_robin,power_of_two] [overrides]
     python -m llada_xp.bench sampler [--model demo|llada-8b-random|PATH] [--batch N] [--gen-length N]
     python -m llada_xp.bench scheduler [--model demo|PATH] [--max-batch-size 8]
 
@@ -18,7 +18,8 @@ percentiles per concurrency level. Every level sends the same prompts. It speaks
 (--ceiling, on by default when it starts the server) it times the Sampler alone on the same model, settings and
 prompts in batches of each level's size, which shows how much batching can give on this device at all.
 --replicas 1,2 runs the same levels against serve.py server.replicas=1, then =2 (the gateway in front), and prints
-aggregate tokens/s relative to the first count and p99 latency.
+aggregate tokens/s relative to the first count and p99 latency. --policy A,B runs every count above 1 once per
+gateway policy (server.policy), in the order given (repeat one, e.g. A,B,B,A, to see the drift of a noisy machine).
 """
 
 from __future__ import annotations
@@ -157,6 +158,10 @@ def sampler_ceiling(cfg, prompts: list[str], levels: list[int], body: dict) -> d
 
 def bench_server(args: argparse.Namespace) -> int:
     counts = [int(n) for n in args.replicas.split(",")]
+    if args.policy is not None and not any(n > 1 for n in counts):
+        raise SystemExit("--policy picks the gateway's policy: it needs --replicas with a count above 1")
+    if args.policy is not None and any(o.split("=")[0].lstrip("+~") == "server.policy" for o in args.overrides):
+        raise SystemExit("give the policies either as --policy or as the server.policy override, not both")
     if counts == [1]:
         return _bench_one(args)
     if args.url is not None:
@@ -165,44 +170,46 @@ def bench_server(args: argparse.Namespace) -> int:
 
 
 def bench_replicas(args: argparse.Namespace, counts: list[int]) -> int:
-    """The same levels against serve.py server.replicas=N for each N (the gateway in front when N > 1), one after
-    the other on this machine; then aggregate tokens/s relative to the first N, and p99 latency."""
+    """The same levels against serve.py server.replicas=N for each N (the gateway in front when N > 1; once per
+    --policy), one after the other on this machine; then aggregate tokens/s relative to the first run, and p99."""
     import tempfile
 
     levels = [int(c) for c in args.concurrency.split(",")]
     prompts = _prompts(max(args.requests, max(levels) * args.rounds))
     model = ["model=demo"] if args.model == "demo" else ["model=hf", f"model.path={args.model}"]
-    results, failed = {}, False
-    for n in counts:
+    policies = args.policy.split(",") if args.policy else [None]
+    runs = [(n, p if n > 1 else None) for n in counts for p in (policies if n > 1 else [None])]
+    results, failed = [], False
+    for n, policy in runs:
         port = _free_port()
         with tempfile.TemporaryDirectory() as run_dir:
             proc = subprocess.Popen([sys.executable, str(CONF_DIR.parent / "serve.py"), *model,
                                      f"server.port={port}", f"server.replicas={n}", "server.log_level=warning",
-                                     f"hydra.run.dir={run_dir}", *args.overrides],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     f"hydra.run.dir={run_dir}", *([f"server.policy={policy}"] if policy else []),
+                                     *args.overrides], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             url = f"http://127.0.0.1:{port}"
             try:
                 name = _wait_models(url, proc)
                 body = {"model": name, "max_tokens": args.max_tokens, "temperature": 0.0}
                 _level(url, prompts[:max(levels)], max(levels), body)  # warm-up
-                results[n] = [_level(url, prompts[:max(args.requests, c * args.rounds)], c, body) for c in levels]
-                failed |= any(r["errors"] for r in results[n])
-                log.info("%d replica(s) done", n)
+                results.append([_level(url, prompts[:max(args.requests, c * args.rounds)], c, body) for c in levels])
+                failed |= any(r["errors"] for r in results[-1])
+                log.info("%d replica(s)%s done", n, f", policy {policy}" if policy else "")
             finally:
                 proc.send_signal(signal.SIGINT)  # serve.py stops its replicas and the gateway
                 try:
                     proc.wait(60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    base = counts[0]
     print(f"replica bench: model {args.model}, {os.cpu_count()} CPUs here, max_tokens {args.max_tokens}, "
-          f"temperature 0, policy from the config; overrides: {' '.join(args.overrides)}")
-    print(f"{'replicas':>8} {'conc':>5} {'reqs':>5} {'tok/s':>8} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} "
-          f"{f'× {base} repl.':>11}")
-    for n in counts:
-        for r, b in zip(results[n], results[base]):
-            print(f"{n:>8} {r['concurrency']:>5} {r['requests']:>5} {r['tok_s']:>8.1f} {r['req_s']:>7.2f} "
-                  f"{r['p50']:>7.3f} {r['p99']:>7.3f} {r['tok_s'] / b['tok_s']:>11.2f}")
+          f"temperature 0, policy {'from the config' if args.policy is None else 'per row'}; "
+          f"overrides: {' '.join(args.overrides)}")
+    print(f"{'replicas':>8} {'policy':>12} {'conc':>5} {'reqs':>5} {'tok/s':>8} {'req/s':>7} {'p50 s':>7} "
+          f"{'p99 s':>7} {'× 1st run':>9}")
+    for (n, policy), rows in zip(runs, results):
+        for r, b in zip(rows, results[0]):
+            print(f"{n:>8} {policy or '-':>12} {r['concurrency']:>5} {r['requests']:>5} {r['tok_s']:>8.1f} "
+                  f"{r['req_s']:>7.2f} {r['p50']:>7.3f} {r['p99']:>7.3f} {r['tok_s'] / b['tok_s']:>9.2f}")
     return 1 if failed else 0
 
 
@@ -533,6 +540,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--url", default=None, help="bench a running server instead of starting one")
     s.add_argument("--replicas", default="1", help="comma-separated server.replicas counts to compare in one run "
                    "(e.g. 1,2: serve.py with the gateway in front when > 1); default 1")
+    s.add_argument("--policy", default=None, help="comma-separated gateway policies (server.policy) to compare in "
+                   "one run, for every --replicas count above 1 (e.g. round_robin,power_of_two); default: the "
+                   "config's")
     s.add_argument("--requests", type=int, default=128, help="at least this many requests per level")
     s.add_argument("--rounds", type=int, default=16, help="at least this many requests per client per level")
     s.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")

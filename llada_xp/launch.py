@@ -5,8 +5,9 @@ connection block once /health answers through the node's address, and cancels th
 The job binds 0.0.0.0, advertises the node's name and always requires an API key (kept in a 0600 file).
 Also where serve.py's API key comes from (never from Hydra's saved config: `KeyGuard`, `api_key`).
 Replicas (server.replicas=N here, launcher.replicas=N on SLURM): N server processes, each `server.serve` with one
-model, behind the sglang-router gateway on the one public address (`serve_replicas`, `replica_task`); the gateway
-and every replica require the API key when there is one. Started as `python -m llada_xp.launch replica|gateway`,
+model, behind the sglang-router gateway (on a private port of 127.0.0.1) behind the front (front.py: it carries
+LLaDA's chat fields past the gateway) on the one public address (`serve_replicas`, `replica_task`); the gateway and
+every replica require the API key when there is one. Started as `python -m llada_xp.launch replica|gateway|front`,
 so that neither the key nor the config shows on a command line.
 Writes to the terminal stream it is given (it is the CLI's front end); knows nothing about models or HTTP routes
 beyond /health. Evaluation sweeps use hydra-submitit-launcher instead (conf/launcher/slurm.yaml).
@@ -474,12 +475,21 @@ def require_gateway() -> None:
                            f"'llada-xp[serve]' (or pip install {GATEWAY})")
 
 
-def gateway_command(sc: ServerConfig, host: str, port: int, metrics_port: int, workers: list[str]) -> list[str]:
-    """The gateway's command line (never the key: `python -m llada_xp.launch gateway` takes it from the env)."""
+def gateway_command(sc: ServerConfig, port: int, metrics_host: str, metrics_port: int,
+                    workers: list[str]) -> list[str]:
+    """The gateway's command line, on 127.0.0.1:port behind the front (never the key: `python -m llada_xp.launch
+    gateway` takes it from the env)."""
     level = {"critical": "error", "error": "error", "debug": "debug", "trace": "debug"}.get(sc.log_level, "warn")
-    return [sys.executable, "-m", "llada_xp.launch", "gateway", "--host", host, "--port", str(port),
-            "--worker-urls", *workers, "--policy", sc.policy, "--prometheus-host", host,
+    return [sys.executable, "-m", "llada_xp.launch", "gateway", "--host", "127.0.0.1", "--port", str(port),
+            "--worker-urls", *workers, "--policy", sc.policy, "--prometheus-host", metrics_host,
             "--prometheus-port", str(metrics_port), "--log-level", level, *GATEWAY_FLAGS, *sc.gateway_args]
+
+
+def front_command(sc: ServerConfig, host: str, port: int, gateway_port: int) -> list[str]:
+    """The front's command line: the public host:port, forwarding to the gateway on 127.0.0.1:gateway_port."""
+    level = sc.log_level if sc.log_level in ("critical", "error", "warning", "debug", "trace") else "warning"
+    return [sys.executable, "-m", "llada_xp.launch", "front", host, str(port), f"http://127.0.0.1:{gateway_port}",
+            level]
 
 
 def _die_with_parent() -> None:
@@ -606,6 +616,7 @@ def serve_replicas(cfg: ServeConfig) -> int:
     port = sc.port or _free_port_on(sc.host)
     metrics_port = sc.metrics_port or _free_port_on(sc.host)
     gateway: Optional[subprocess.Popen] = None
+    front: Optional[subprocess.Popen] = None
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         for r in replicas:
@@ -623,12 +634,16 @@ def serve_replicas(cfg: ServeConfig) -> int:
                 time.sleep(POLL_S)
             name = (body.get("model") or {}).get("name")
         env = dict(os.environ, LLADA_XP_API_KEY=sc.api_key or "")
-        gateway = subprocess.Popen(gateway_command(sc, sc.host, port, metrics_port, [r.url for r in replicas]),
+        gateway_port = _free_port_on("127.0.0.1")
+        gateway = subprocess.Popen(gateway_command(sc, gateway_port, sc.host, metrics_port, [r.url for r in replicas]),
                                    env=env, preexec_fn=_die_with_parent, start_new_session=True)
+        front = subprocess.Popen(front_command(sc, sc.host, port, gateway_port), preexec_fn=_die_with_parent,
+                                 start_new_session=True)
         url = f"http://{sc.host}:{port}"
-        if not _wait_gateway(f"http://{_reachable(sc.host)}:{port}", name, lambda: gateway.poll() is None):
-            log.error("cannot serve: the gateway did not start on %s (status %s; its log is above)", url,
-                      gateway.poll())
+        if not _wait_gateway(f"http://{_reachable(sc.host)}:{port}", name,
+                             lambda: gateway.poll() is None and front.poll() is None):
+            log.error("cannot serve: the gateway or its front did not start on %s (status %s, %s; the log is above)",
+                      url, gateway.poll(), front.poll())
             return 1
         log.info("serving %s on %s (docs: each replica's /docs): %d replicas behind the sglang-router gateway "
                  "(policy %s, %s); gateway metrics on http://%s:%d/metrics, each replica's on its own /metrics",
@@ -636,9 +651,10 @@ def serve_replicas(cfg: ServeConfig) -> int:
                  sc.host, metrics_port)
         alive = list(replicas)
         while True:
-            if gateway.poll() is not None:
-                log.error("the gateway exited with status %s; stopping the replicas", gateway.returncode)
-                return 1
+            for what, proc in (("gateway", gateway), ("front", front)):
+                if proc.poll() is not None:
+                    log.error("the %s exited with status %s; stopping the replicas", what, proc.returncode)
+                    return 1
             for r in [r for r in alive if r.proc.poll() is not None]:
                 alive.remove(r)
                 log.error("replica %d (pid %d, %s) exited with status %s; left out: the gateway stops routing to "
@@ -652,7 +668,7 @@ def serve_replicas(cfg: ServeConfig) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _stop([gateway])  # first: no new request reaches a stopping replica
+        _stop([front, gateway])  # first: no new request reaches a stopping replica
         _stop([r.proc for r in replicas])
 
 
@@ -722,12 +738,15 @@ def _front(cfg: ServeConfig, tasks: int, job_id: str, folder: Path, node: str, p
         while (body := health(r["url"] + "/health")) is None:
             time.sleep(POLL_S)
         name = (body.get("model") or {}).get("name")
-    port, metrics_port = port or _free_port(), sc.metrics_port or _free_port()
+    port, metrics_port, gateway_port = port or _free_port(), sc.metrics_port or _free_port(), _free_port()
     env = dict(os.environ, LLADA_XP_API_KEY=sc.api_key)
-    gateway.append(subprocess.Popen(gateway_command(sc, "0.0.0.0", port, metrics_port, [r["url"] for r in replicas]),
-                                    env=env, preexec_fn=_die_with_parent))
-    if not _wait_gateway(f"http://{node}:{port}", name, lambda: gateway[0].poll() is None, timeout=600):
-        log.error("the gateway did not start on %s:%d (status %s)", node, port, gateway[0].poll())
+    workers = [r["url"] for r in replicas]
+    gateway.append(subprocess.Popen(gateway_command(sc, gateway_port, "0.0.0.0", metrics_port, workers), env=env,
+                                    preexec_fn=_die_with_parent))
+    gateway.append(subprocess.Popen(front_command(sc, "0.0.0.0", port, gateway_port), preexec_fn=_die_with_parent))
+    if not _wait_gateway(f"http://{node}:{port}", name, lambda: all(p.poll() is None for p in gateway), timeout=600):
+        log.error("the gateway or its front did not start on %s:%d (status %s)", node, port,
+                  [p.poll() for p in gateway])
         return
     url = f"http://{node}:{port}"
     info = {"job_id": job_id, "node": node, "port": port, "url": url, "base_url": url + "/v1",
@@ -736,7 +755,9 @@ def _front(cfg: ServeConfig, tasks: int, job_id: str, folder: Path, node: str, p
     _write_json(folder / INFO_FILE, info)
     log.info("job %s: gateway on %s in front of %d replicas (API key in %s)", job_id, url, tasks, info["key_file"])
     # stay: the gateway's PR_SET_PDEATHSIG fires when the *thread* that started it ends
-    log.error("the gateway exited with status %s", gateway[0].wait())
+    while all(p.poll() is None for p in gateway):
+        time.sleep(POLL_S)
+    log.error("the gateway or its front exited (status %s)", [p.poll() for p in gateway])
 
 
 # ------------------------------------------------------------------------------------------------ child processes
@@ -773,4 +794,10 @@ if __name__ == "__main__":
         sys.exit(_replica_main(sys.argv[2]))
     if sys.argv[1:2] == ["gateway"]:
         sys.exit(_gateway_main(sys.argv[2:]))
-    sys.exit("usage: python -m llada_xp.launch replica INDEX | gateway SGLANG_ROUTER_FLAGS (started by serve.py)")
+    if sys.argv[1:2] == ["front"] and len(sys.argv) == 6:
+        from llada_xp.front import run
+
+        run(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
+        sys.exit(0)
+    sys.exit("usage: python -m llada_xp.launch replica INDEX | gateway SGLANG_ROUTER_FLAGS | front HOST PORT "
+             "GATEWAY_URL LOG_LEVEL (started by serve.py)")

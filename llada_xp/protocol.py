@@ -15,13 +15,14 @@ steps = ceil(default.steps × max_tokens / default.gen_length).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
 import uuid
 from typing import Annotated, Any, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from llada_xp.config import SamplerConfig
 
@@ -29,6 +30,11 @@ log = logging.getLogger(__name__)
 
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
+# The request fields of the old LLaDA server beyond OpenAI's (declared in _Generation). The sglang-router gateway
+# drops them from a chat request, so its front (front.py) also sends them as JSON in metadata[CARRIER], which the
+# gateway keeps; ChatCompletionRequest takes them back from there.
+LLADA_FIELDS = ("steps", "block_length", "cfg_scale", "remasking", "use_cache", "use_dual_cache", "threshold", "factor")
+CARRIER = "llada_xp"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
                500: "server_error", 503: "service_unavailable"}
@@ -242,6 +248,24 @@ class ChatCompletionRequest(_Generation):
     functions: Optional[list[Any]] = None
     function_call: Union[str, dict[str, Any], None] = None
     response_format: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _carried(cls, data):
+        """LLaDA fields the front carried past the gateway in metadata[CARRIER] become top-level fields again (a
+        top-level field wins: a request sent straight to a replica has them there)."""
+        meta = data.get("metadata") if isinstance(data, dict) else None
+        if not isinstance(meta, dict) or CARRIER not in meta:
+            return data
+        try:
+            carried = json.loads(meta[CARRIER])
+        except (TypeError, ValueError):
+            carried = None
+        if not isinstance(carried, dict) or set(carried) - set(LLADA_FIELDS):
+            raise ValueError(f"metadata.{CARRIER} must be a JSON object of LLaDA fields ({', '.join(LLADA_FIELDS)})")
+        rest = {k: v for k, v in meta.items() if k != CARRIER}
+        data = {**carried, **{k: v for k, v in data.items() if k != "metadata"}}
+        return {**data, "metadata": rest} if rest else data
 
     @property
     def canvas(self) -> Optional[int]:

@@ -111,3 +111,21 @@ def test_scheduler_bench_prints_static_beside_continuous():
     rows = [line for line in out.splitlines() if line.startswith("| (")]
     assert len(rows) == 9 and rows[0].startswith("| (a) short p50 latency")
     assert all(re.fullmatch(r"\| .+ \| [\d.]+ \| [\d.]+ \| ([\d.]+|nan)x \|", r) for r in rows), rows
+
+
+@pytest.mark.slow
+def test_replica_bench_runs_every_policy_asked_and_prints_one_row_per_policy_and_level():
+    pytest.importorskip("sglang_router", reason="the gateway (pip install 'llada-xp[serve]') is not installed")
+    out = bench("server", *QUICK, "--replicas", "2", "--policy", "round_robin,power_of_two", timeout=600)
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+2\s+[a-z_]+\s+1\s", line)]
+    assert [r[1] for r in rows] == ["round_robin", "power_of_two"] and rows[0][-1] == "1.00"
+    assert all(int(r[3]) == 2 for r in rows)  # every request answered
+
+
+def test_replica_bench_refuses_a_policy_without_a_gateway_or_given_twice():
+    from llada_xp.bench import main
+
+    with pytest.raises(SystemExit, match="needs --replicas with a count above 1"):
+        main(["server", *QUICK, "--policy", "round_robin"])
+    with pytest.raises(SystemExit, match="not both"):
+        main(["server", *QUICK, "--replicas", "2", "--policy", "round_robin", "server.policy=random"])

@@ -1,7 +1,8 @@
 """`serve.py server.replicas=2`: two server processes behind the sglang-router gateway, on the demo model.
 
-Through the one public URL: the API key, the real model name, chat / completions / streaming / n > 1, bad input,
-a replica killed under load, and Ctrl-C leaving no process behind. Skipped when the gateway is not installed.
+Through the one public URL: the API key, the real model name, chat / completions / streaming / n > 1, LLaDA fields
+sent by the `openai` client, bad input, a replica killed under load, and Ctrl-C leaving no process behind. Skipped
+when the gateway is not installed.
 """
 
 import json
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,10 +156,42 @@ def test_completions_with_n_and_llada_fields_through_the_gateway(srv):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "steps"
 
 
-def test_gateway_drops_llada_fields_on_chat(srv):
-    """A known limit of sglang-router 0.3.2 (sgl-project/sglang#22740): its typed chat request drops fields it does
-    not know, so steps/block_length/threshold/... on /v1/chat/completions never reach the replica (README)."""
-    assert srv.post("/v1/chat/completions", messages=HI, max_tokens=8, steps=0).status_code == 200
+def test_llada_fields_on_chat_reach_the_replica(srv):
+    """sglang-router 0.3.2 drops the fields its typed chat request lacks (sgl-project/sglang#22740); the front
+    carries them past it (README), so the replica validates them as without the gateway."""
+    for field, value in (("steps", 0), ("threshold", 1.5), ("remasking", "lowest"), ("use_cache", "yes")):
+        r = srv.post("/v1/chat/completions", messages=HI, max_tokens=8, **{field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+# what an old-server client sends: 4 steps on one 16-token block, no parallel decoding, no cache
+OLD_CLIENT = {"steps": 4, "block_length": 16, "threshold": None, "use_cache": False, "remasking": "low_confidence"}
+
+
+def test_openai_client_llada_fields_act_on_chat_stream_and_completions_as_on_one_replica(srv):
+    """The `openai` client sends the LLaDA fields through extra_body; through the gateway they have the same effect
+    (text, model forwards) as on one replica, on chat, streamed chat and completions."""
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
+    _, replica = srv.replicas[0]
+    direct = httpx.post(replica + "/v1/chat/completions", timeout=120, headers={"Authorization": f"Bearer {KEY}"},
+                        json={"model": NAME, "messages": HI, "max_tokens": 16, **OLD_CLIENT}).json()
+    assert direct["usage"]["nfe"] == 4
+    chat = client.chat.completions.create(model=NAME, messages=HI, max_tokens=16, extra_body=OLD_CLIENT)
+    assert (chat.choices[0].message.content, chat.usage.model_extra["nfe"]) == \
+        (direct["choices"][0]["message"]["content"], 4)
+    default = client.chat.completions.create(model=NAME, messages=HI, max_tokens=16)
+    assert default.usage.model_extra["nfe"] != 4  # the server's sampler (threshold 0.9): a different schedule
+
+    stream = client.chat.completions.create(model=NAME, messages=HI, max_tokens=16, extra_body=OLD_CLIENT,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.model_extra["nfe"] == 4
+
+    direct = httpx.post(replica + "/v1/completions", timeout=120, headers={"Authorization": f"Bearer {KEY}"},
+                        json={"model": NAME, "prompt": "3 + 4 =", "max_tokens": 16, **OLD_CLIENT}).json()
+    text = client.completions.create(model=NAME, prompt="3 + 4 =", max_tokens=16, extra_body=OLD_CLIENT)
+    assert (text.choices[0].text, text.usage.model_extra["nfe"]) == (direct["choices"][0]["text"], 4)
 
 
 # what the replica itself answers, through the gateway, with the OpenAI error object naming the parameter

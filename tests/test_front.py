@@ -1,0 +1,106 @@
+"""The front before the gateway (front.py): LLaDA chat fields carried in metadata, everything else unchanged, in
+process (an ASGI app as the gateway; the real gateway is in test_replicas.py)."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from llada_xp.config import SamplerConfig
+from llada_xp.front import MAX_BODY_BYTES, Front, carry
+from llada_xp.protocol import CARRIER, LLADA_FIELDS, ChatCompletionRequest
+
+MSG = [{"role": "user", "content": "hi"}]
+SERVER = SamplerConfig(gen_length=128, block_length=32, steps=128, cache="dual", threshold=0.9, temperature=0.0)
+OLD_CLIENT = {"steps": 64, "block_length": 16, "cfg_scale": 0.5, "remasking": "random", "use_cache": True,
+              "use_dual_cache": False, "threshold": None, "factor": 2.0}  # every LLaDA field, none at its default
+
+
+def test_every_llada_field_is_one_the_old_server_documents():
+    assert set(OLD_CLIENT) == set(LLADA_FIELDS)
+
+
+def test_carried_fields_survive_a_gateway_that_drops_them_and_give_the_same_settings():
+    body = {"model": "m", "messages": MSG, "max_tokens": 48, "metadata": {"team": "a"}, **OLD_CLIENT}
+    sent = json.loads(carry(json.dumps(body).encode()))
+    forwarded = {k: v for k, v in sent.items() if k not in LLADA_FIELDS}  # what sglang-router 0.3.2 keeps
+    routed = ChatCompletionRequest.model_validate(forwarded)
+    assert routed.settings(SERVER) == ChatCompletionRequest.model_validate(body).settings(SERVER)
+    assert routed.model_extra == {"metadata": {"team": "a"}}  # the user's own metadata, not the carrier
+
+
+def test_a_top_level_field_wins_over_a_carried_one():
+    body = {"messages": MSG, "steps": 8, "metadata": {CARRIER: json.dumps({"steps": 4, "block_length": 8})}}
+    s = ChatCompletionRequest.model_validate(body).settings(SERVER)[0]
+    assert (s.steps, s.block_length) == (8, 8)
+
+
+@pytest.mark.parametrize("carried", ["{", "[1]", json.dumps({"steps": 4, "temperature": 2})])
+def test_a_carrier_that_is_not_an_object_of_llada_fields_is_refused(carried):
+    with pytest.raises(ValueError, match=f"metadata.{CARRIER} must be a JSON object of LLaDA fields"):
+        ChatCompletionRequest.model_validate({"messages": MSG, "metadata": {CARRIER: carried}})
+
+
+@pytest.mark.parametrize("raw", [b'{"messages": [], "max_tokens": 8}', b'{"steps": 3', b'[{"steps": 3}]',
+                                 b'{"steps": 3, "metadata": "tags"}', b'{"messages": "steps"}'])
+def test_bodies_without_llada_fields_or_not_json_objects_pass_unchanged(raw):
+    assert carry(raw) is raw
+
+
+# ------------------------------------------------------------------------------------------------ the proxy
+async def gateway(scope, receive, send):
+    """Stands for the gateway: answers every request with what it received, in three chunks."""
+    body, more = b"", True
+    while more:
+        m = await receive()
+        body, more = body + m.get("body", b""), m.get("more_body", False)
+    seen = json.dumps({"method": scope["method"], "path": scope["path"], "query": scope["query_string"].decode(),
+                       "auth": dict(scope["headers"]).get(b"authorization", b"").decode(),
+                       "body": body.decode()}).encode()
+    await send({"type": "http.response.start", "status": 207, "headers": [(b"x-gateway", b"1")]})
+    for part in (seen[:5], seen[5:9], seen[9:]):
+        await send({"type": "http.response.body", "body": part, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def through_front(method: str, path: str, upstream=gateway, **kw) -> httpx.Response:
+    async def go():
+        front = Front("http://gateway")
+        front.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=upstream))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=front), base_url="http://front") as c:
+            r = await c.request(method, path, **kw)
+        await front.client.aclose()
+        return r
+
+    return asyncio.run(go())
+
+
+def test_the_front_forwards_method_path_query_headers_and_body_and_returns_the_answer_as_is():
+    r = through_front("POST", "/v1/completions?x=1", json={"prompt": "a", "steps": 4},
+                      headers={"Authorization": "Bearer k"})
+    assert r.status_code == 207 and r.headers["x-gateway"] == "1"
+    seen = r.json()
+    assert (seen["method"], seen["path"], seen["query"], seen["auth"]) == ("POST", "/v1/completions", "x=1",
+                                                                            "Bearer k")
+    assert json.loads(seen["body"]) == {"prompt": "a", "steps": 4}  # only chat bodies are rewritten
+
+
+def test_the_front_carries_llada_fields_of_a_chat_request():
+    r = through_front("POST", "/v1/chat/completions", json={"messages": MSG, "steps": 4})
+    sent = json.loads(r.json()["body"])
+    assert sent["steps"] == 4 and json.loads(sent["metadata"][CARRIER]) == {"steps": 4}
+
+
+def test_the_front_refuses_a_body_over_the_replicas_limit_with_the_openai_error():
+    r = through_front("POST", "/v1/chat/completions", content=b"x" * (MAX_BODY_BYTES + 1),
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_gateway_that_does_not_answer_is_a_502_openai_error():
+    async def down(scope, receive, send):
+        raise httpx.ConnectError("connection refused")
+
+    r = through_front("GET", "/v1/models", upstream=down)
+    assert r.status_code == 502 and set(r.json()["error"]) == {"message", "type", "param", "code"}
