@@ -227,6 +227,8 @@ def load_model(cfg: ModelConfig) -> Loaded:
         except AdapterError as e:
             raise ModelLoadError(str(e)) from e
     model.fuse()  # q/k/v and gate/up as one matmul each, after any adapter merge (PEFT targets the parts)
+    if cfg.compile:
+        model.compile_block_step()
     name = cfg.name or ("llada-xp-demo" if cfg.source == "demo" else Path(path.rstrip("/")).name)
     n_params = sum(p.numel() for p in model.parameters())
     threads = set_threads(cfg.threads, n_params)

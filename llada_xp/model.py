@@ -12,6 +12,7 @@ about sampling, files or HTTP (loading lives in loading.py).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+log = logging.getLogger(__name__)
 
 # What the reference code can build and we implement; any other value is refused by name (LLaDAConfig.check).
 CHOICES = {
@@ -236,9 +239,10 @@ class KVCache(nn.Module):
         self._views()
         return self
 
-    def update(self, start: int, kv):
-        """kv: [B, 2 * n_kv_heads, n, D] → columns [start, start + n); returns (k, v) of all columns."""
-        self.kv[:, :, start:start + kv.shape[2]] = kv
+    def update(self, cols, kv):
+        """kv: [B, 2 * n_kv_heads, n, D] → columns cols [n] (a tensor: one op, static shapes); returns (k, v) of all
+        columns."""
+        self.kv.index_copy_(2, cols, kv)
         return self.k, self.v
 
     def keep(self, rows: torch.Tensor):
@@ -422,6 +426,7 @@ class LLaDAModelLM(PreTrainedModel):
             transformer["ff_out"] = nn.Linear(c.d_model, c.rows, bias=c.include_bias)
         self.model = nn.ModuleDict(dict(transformer=transformer))  # nesting = the checkpoint's key names
         self._inv_freq: dict = {}  # RoPE inverse frequencies by (device, dtype)
+        self._cached_step: Callable | None = None  # the compiled dual-cache block forward (compile_block_step)
         self.post_init()
 
     @torch.no_grad()
@@ -489,6 +494,21 @@ class LLaDAModelLM(PreTrainedModel):
             self._inv_freq[key] = 1.0 / c.rope_theta ** (torch.arange(0, d, 2, device=pos.device, dtype=acc) / d)
         return Rope(pos, self._inv_freq[key], c.n_heads // c.kv_heads + 2, dtype)
 
+    def compile_block_step(self, mode: str | None = None) -> bool:
+        """Run the cached forwards without a logits slice (Fast-dLLM's dual-cache block steps) through torch.compile:
+        tensors only (columns and positions are tensors, the cache length fixed), so each batch size and block length
+        compiles once. mode None = "reduce-overhead" (CUDA graphs) on CUDA, the default elsewhere. Falls back to
+        eager, logging why, when torch.compile is unavailable or the first compiled call fails. Returns whether it
+        compiles (so far)."""
+        dev = self.transformer.wte.weight.device
+        mode = mode or ("reduce-overhead" if dev.type == "cuda" else "default")
+        try:
+            self._cached_step = torch.compile(self._body, mode=mode, dynamic=False)
+        except (RuntimeError, ImportError, AssertionError) as e:  # e.g. an unsupported Python or platform
+            log.warning("model.compile: torch.compile unavailable (%s); the block steps run eager", e)
+            self._cached_step = None
+        return self._cached_step is not None
+
     def forward(self, input_ids, attention_mask=None, start: int = 0, use_cache: bool = False,
                 logits_slice: slice | None = None, **kwargs):
         """Logits for canvas columns [start, start + n) given as input_ids [B, n].
@@ -502,14 +522,26 @@ class LLaDAModelLM(PreTrainedModel):
         if kwargs.get("past_key_values") is not None:
             raise ValueError("past_key_values is not supported: use setup_cache() and use_cache=True")
         B, n = input_ids.shape
-        dev, c, t = input_ids.device, self.config, self.transformer
+        dev = input_ids.device
+        cols = torch.arange(start, start + n, device=dev)
         if attention_mask is None:
-            pos = torch.arange(start, start + n, device=dev).expand(B, n)
-            key_mask = None
+            pos, key_mask = cols.expand(B, n), None
         else:
             am = attention_mask.to(dev).bool()
             pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + n]
             key_mask = (am if use_cache else am[:, start:start + n])[:, None, None, :]
+        if use_cache and logits_slice is None and self._cached_step is not None:
+            try:
+                return CausalLMOutputWithPast(logits=self._cached_step(input_ids, pos, cols, key_mask, True, None))
+            except Exception as e:  # noqa: BLE001 — whatever the compiler raised: say why, then run eager
+                log.warning("model.compile: the compiled block step failed (%s: %s); running eager from now on",
+                            type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+                self._cached_step = None
+        return CausalLMOutputWithPast(logits=self._body(input_ids, pos, cols, key_mask, use_cache, logits_slice))
+
+    def _body(self, input_ids, pos, cols, key_mask, use_cache: bool, logits_slice):
+        """The forward from token ids to logits; pos [B, n] RoPE positions, cols [n] the cache columns written."""
+        c, t = self.config, self.transformer
         h = t.wte(input_ids)
         if c.input_emb_norm:
             h = h * c.d_model ** 0.5
@@ -517,7 +549,7 @@ class LLaDAModelLM(PreTrainedModel):
             h = h + t.wpe(pos)
         if use_cache:
             def keys(cache, kv):
-                return cache.update(start, kv)
+                return cache.update(cols, kv)
         else:
             def keys(cache, kv):
                 return kv.chunk(2, dim=1)
@@ -530,4 +562,4 @@ class LLaDAModelLM(PreTrainedModel):
         logits = F.linear(h, t.wte.weight) if c.weight_tying else t.ff_out(h)
         if c.scale_logits:
             logits = logits * (1 / math.sqrt(c.d_model))
-        return CausalLMOutputWithPast(logits=logits)
+        return logits

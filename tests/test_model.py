@@ -244,3 +244,22 @@ def test_a_fused_model_saves_and_loads_under_the_checkpoint_names(tmp_path):
     torch.testing.assert_close(again(x).logits, parts(x).logits, rtol=1e-10, atol=1e-10)
     assert hasattr(fused.unfuse().transformer.blocks[1], "up_proj")
     torch.testing.assert_close(fused(x).logits, parts(x).logits, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_compiled_block_steps_decode_the_eager_tokens(caplog):
+    """model.compile on CPU (inductor's default mode): the dual-cache block steps compiled, the same tokens and NFE."""
+    from llada_xp.config import SamplerConfig
+    from llada_xp.sampler import Request, Sampler
+
+    m = tiny.model(seed=9, sharpen=30.0, n_kv_heads=2).fuse()
+    st = SamplerConfig(gen_length=12, block_length=4, steps=12, cache="dual", threshold=None, early_stop=False)
+    reqs = [Request([1, 2, 3], st), Request([4, 5], st)]  # left padding: a key mask
+    want = [(r.tokens, r.stats.nfe) for r in Sampler(m, tiny.ids_of(m)).generate(reqs)]
+    calls = []
+    assert m.compile_block_step()
+    compiled = m._cached_step
+    m._cached_step = lambda *a: calls.append(1) or compiled(*a)
+    got = [(r.tokens, r.stats.nfe) for r in Sampler(m, tiny.ids_of(m)).generate(reqs)]
+    assert got == want and len(calls) == 3 * 3  # 3 blocks of 4 steps: the block-start forward, then 3 block steps
+    assert m._cached_step is not None and "model.compile" not in caplog.text  # no fallback to eager
