@@ -4,6 +4,14 @@
                                     [overrides]
     python -m llada_xp.bench step [--model demo|llada-8b|PATH] [--layers N] [--scale K] [--baseline REV]
                                   [--no-compile]
+    python -m llada_xp.bench sampler [--model demo|llada-8b-random|PATH] [--batch N] [--gen-length N]
+    python -m llada_xp.bench scheduler [--model demo|PATH] [--max-batch-size 8]
+
+`scheduler`: the engine's two schedulers (server.scheduler=static | continuous) side by side, in-process (the engine
+without HTTP): (a) head-of-line blocking: one long request (gen 512, quota, steps 512) while short ones (gen 32)
+arrive every 100 ms — the short ones' latency; (b) an open-loop mixed load (Poisson arrivals, gen 32-256, tau 0.9) —
+tokens/s and latency; (c) the evaluation of the demo task at gen_length 256 fed batch after batch vs continuously —
+forwards per answer and wall time.
 
 `server`: starts the server (serve() in a child process; config composed from conf/serve.yaml plus Hydra overrides,
 and model.threads=1 and a free server.port unless they are among them) unless --url names a running one, then drives
@@ -578,6 +586,143 @@ def bench_step(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ scheduler
+def _pct(xs: list[float], q: int) -> float:
+    """Nearest-rank percentile."""
+    import math
+
+    xs = sorted(xs)
+    return xs[max(0, math.ceil(q / 100 * len(xs)) - 1)] if xs else float("nan")
+
+
+def _drive(sampler, scheduler: str, max_batch: int, arrivals: list[tuple[float, list[int], object]],
+           join_wait_steps: int = 4) -> list[dict]:
+    """Submit (time, prompt, settings) at their times to a fresh Engine; per request: latency, tokens, nfe."""
+    import asyncio
+
+    from llada_xp.engine import Engine, Failed
+    from llada_xp.sampler import Finished, Request
+
+    async def main():
+        eng = Engine(sampler, max_batch_size=max_batch, max_queue=10_000, batch_window_s=0,
+                     scheduler=scheduler, join_wait_steps=join_wait_steps).start()
+        t0 = time.perf_counter()
+
+        async def one(at, prompt, st):
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            sent = time.perf_counter()
+            job = eng.submit([Request(list(prompt), st)], tokens=False)
+            while True:
+                _, ev = await job.events.get()
+                if isinstance(ev, Failed):
+                    raise ev.error
+                if isinstance(ev, Finished):
+                    done = time.perf_counter()
+                    return dict(latency=done - sent, end=done - t0, start=sent - t0, tokens=len(ev.result.tokens),
+                                nfe=ev.result.stats.nfe)
+        try:
+            return await asyncio.gather(*(one(*a) for a in arrivals))
+        finally:
+            eng.stop()
+
+    return asyncio.run(main())
+
+
+def bench_scheduler(args) -> int:
+    import random
+    from dataclasses import replace
+
+    import torch
+
+    from llada_xp import evaluate, tasks
+    from llada_xp.config import ModelConfig, SamplerConfig, TaskConfig
+    from llada_xp.demo.check import prompt_ids
+    from llada_xp.demo.task import HELD_OUT_SEED, examples
+    from llada_xp.loading import load_model
+    from llada_xp.sampler import Request, Sampler
+
+    cfg = ModelConfig(source="demo") if args.model == "demo" else ModelConfig(source="hf", path=args.model)
+    cfg.threads = args.threads
+    loaded = load_model(cfg)
+    model, tok = loaded.model, loaded.tokenizer
+    trained = model.config.max_sequence_length
+    if args.max_length > trained:  # RoPE has no table: longer canvases run (speed figures; answers past the training
+        model.config.max_sequence_length = args.max_length  # length are not meant to be good)
+    prompts = [prompt_ids(tok, e.prompt) for e in examples(max(args.requests, 64), HELD_OUT_SEED)]
+    base = SamplerConfig()  # sampler=fast: dual cache, tau 0.9, early stop
+    rng = random.Random(args.seed)
+    long = replace(base, gen_length=args.long_gen, steps=args.long_gen, threshold=None, early_stop=False)
+    short = replace(base, gen_length=32, steps=32)
+    hol = [(0.0, prompts[0], long)] + [(0.05 + k * args.interval, prompts[1 + k], short) for k in range(args.shorts)]
+    t, mixed = 0.0, []
+    for k in range(args.requests):
+        t += rng.expovariate(args.rate)
+        g = rng.choice([32, 64, 128, 256])
+        mixed.append((t, prompts[k % len(prompts)], replace(base, gen_length=g, steps=g, threshold=0.9)))
+    device = next(model.parameters()).device
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " \
+        f"{torch.get_num_threads()} torch threads"
+    print(f"scheduler bench: {loaded.info.name} ({loaded.info.dtype}) on {device} ({where}); max_batch_size "
+          f"{args.max_batch_size}; join_wait_steps {args.join_wait_steps}; max length "
+          f"{model.config.max_sequence_length}"
+          f" (trained: {trained})")
+    rows: dict[str, dict] = {"static": {}, "continuous": {}}
+    sampler = Sampler(model, loaded.info.ids, decode=tok.decode)
+    _drive(sampler, "continuous", args.max_batch_size, hol[:3])  # warm-up
+    for sched in ("static", "continuous"):  # each part for both schedulers back to back: a shared machine drifts
+        a = _drive(sampler, sched, args.max_batch_size, hol, args.join_wait_steps)
+        lat = [r["latency"] for r in a[1:]]
+        rows[sched].update(a50=_pct(lat, 50), a99=_pct(lat, 99), along=a[0]["latency"])
+    for sched in ("static", "continuous"):
+        b = _drive(sampler, sched, args.max_batch_size, mixed, args.join_wait_steps)
+        span = max(r["end"] for r in b) - min(r["start"] for r in b)
+        rows[sched].update(tps=sum(r["tokens"] for r in b) / span, b50=_pct([r["latency"] for r in b], 50),
+                           b99=_pct([r["latency"] for r in b], 99))
+    log.info("done (a) and (b)")
+    task = tasks.load(TaskConfig(name="demo", limit=args.eval_limit))
+    ids = [task.prompt_ids(ex, tok) for ex in task.examples]
+    st = replace(base, gen_length=args.eval_gen_length, steps=args.eval_gen_length)
+    batches = evaluate.shard_batches(ids, args.eval_batch_size, 0, 1)
+    for how in ("static", "continuous"):
+        sampler = Sampler(model, loaded.info.ids, decode=tok.decode)
+        out: dict[int, tuple] = {}
+        t0 = time.perf_counter()
+        evaluate.feed(sampler, {i: Request(ids[i], st) for i in range(len(ids))}, batches,
+                      args.eval_batch_size, how, lambda i, res, run, s, f: out.__setitem__(i, (res, run, f)))
+        wall = time.perf_counter() - t0
+        forwards = sum(max(f for _, r, f in out.values() if r == run) for run in {r for _, r, _ in out.values()})
+        correct = sum(task.score(tok.decode(res.tokens, skip_special_tokens=True), task.examples[i].reference)
+                      for i, (res, _, _) in out.items())
+        rows[how].update(fwd=forwards / len(out), wall=wall, acc=correct / len(out))
+    s_, c_ = rows["static"], rows["continuous"]
+    print(f"(a) head-of-line: 1 request gen {args.long_gen} quota steps {args.long_gen} (early stop off) + "
+          f"{args.shorts} requests gen 32 "
+          f"(tau 0.9) every {args.interval * 1000:.0f} ms")
+    print(f"(b) Poisson load: {args.requests} requests at {args.rate}/s, gen 32/64/128/256, tau 0.9, early stop")
+    print(f"(c) eval: demo task, {len(ids)} examples, gen_length {args.eval_gen_length}, tau 0.9, early stop, "
+          f"batch_size {args.eval_batch_size}" + (f" (beyond the model's own max length, {trained}: "
+                                                 f"its answers are not meaningful)" if args.eval_gen_length +
+                                                 max(map(len, ids)) > trained else ""))
+    print("| | static | continuous | ratio |")
+    print("|---|---:|---:|---:|")
+    for name, key, fmt, better in [("(a) short p50 latency, s", "a50", ".3f", "lower"),
+                                   ("(a) short p99 latency, s", "a99", ".3f", "lower"),
+                                   ("(a) long request latency, s", "along", ".3f", "lower"),
+                                   ("(b) tokens/s", "tps", ".1f", "higher"),
+                                   ("(b) p50 latency, s", "b50", ".3f", "lower"),
+                                   ("(b) p99 latency, s", "b99", ".3f", "lower"),
+                                   ("(c) forwards per answer", "fwd", ".2f", "lower"),
+                                   ("(c) wall time, s", "wall", ".2f", "lower"),
+                                   ("(c) accuracy", "acc", ".3f", "same")]:
+        x, y = s_[key], c_[key]
+        ratio = (x / y if better == "lower" else y / x) if x and y else float("nan")
+        print(f"| {name} | {x:{fmt}} | {y:{fmt}} | {ratio:.2f}x |")
+    print("ratio: static / continuous for times and forwards, continuous / static for tokens/s (> 1: continuous "
+          "better)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llada_xp.bench", description="llada-xp benchmarks")
@@ -632,6 +777,25 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--dtype", default="auto")
     t.set_defaults(func=bench_step)
+    c = sub.add_parser("scheduler", help="static vs continuous batching, in-process",
+                       description="Head-of-line latency, a Poisson load and an in-process evaluation with "
+                                   "server.scheduler=static and =continuous, in one run.")
+    c.add_argument("--model", default="demo", help="demo, or a local model folder in the LLaDA Hub layout")
+    c.add_argument("--threads", type=int, default=1, help="torch CPU threads (model.threads)")
+    c.add_argument("--max-batch-size", type=int, default=8)
+    c.add_argument("--join-wait-steps", type=int, default=4, help="server.join_wait_steps")
+    c.add_argument("--max-length", type=int, default=1024,
+                   help="raise the model's max_sequence_length to this (the demo's is 256; gen 512 needs more)")
+    c.add_argument("--long-gen", type=int, default=512, help="(a) gen_length and steps of the long request")
+    c.add_argument("--shorts", type=int, default=20, help="(a) short requests")
+    c.add_argument("--interval", type=float, default=0.1, help="(a) seconds between short requests")
+    c.add_argument("--requests", type=int, default=200, help="(b) requests")
+    c.add_argument("--rate", type=float, default=20.0, help="(b) mean arrivals per second")
+    c.add_argument("--seed", type=int, default=0, help="(b) arrival times and gen lengths")
+    c.add_argument("--eval-limit", type=int, default=200, help="(c) demo task examples")
+    c.add_argument("--eval-batch-size", type=int, default=16, help="(c) batch_size")
+    c.add_argument("--eval-gen-length", type=int, default=256, help="(c) gen_length")
+    c.set_defaults(func=bench_scheduler)
     return p
 
 

@@ -166,8 +166,14 @@ class ServerConfig:
     # Most rows waiting for a batch; a request that would exceed it gets 429 with Retry-After
     max_queue: int = 256
     # Most time a new batch waits for as many rows as the previous batch had (0 = start at once; one client alone
-    # never waits)
+    # never waits); scheduler=static only
     batch_window_ms: float = 20.0
+    # continuous: waiting rows join the running rows at the next step, each at its own block (sampler.py);
+    # static: a batch runs to its end and rows arriving meanwhile wait for the next one (the old behaviour)
+    scheduler: str = "continuous"
+    # continuous: a waiting row joins at a step where a running row starts a block (no forward of its own), or once
+    # it has waited this many steps with room (0 = at the next step, always)
+    join_wait_steps: int = 4
     # Log level of the server and uvicorn: critical | error | warning | info | debug | trace
     log_level: str = "info"
     # Server processes (one model each: one GPU each when GPUs exist, else an equal share of the CPU cores) behind
@@ -192,6 +198,8 @@ class ServerConfig:
         _at_least("max_batch_size", self.max_batch_size, 1, optional=True)
         _at_least("max_queue", self.max_queue, 1)
         _at_least("batch_window_ms", self.batch_window_ms, 0)
+        _one_of("scheduler", self.scheduler, ("continuous", "static"))
+        _at_least("join_wait_steps", self.join_wait_steps, 0)
         _one_of("log_level", self.log_level, LOG_LEVELS)
 
 
@@ -399,8 +407,11 @@ class EvalConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     # local | slurm: with -m and launcher=slurm every sweep point is one job of a SLURM job array
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    # Prompts per sampler batch (batches are fixed slices of the length-sorted examples)
+    # Prompts decoding together (batches are fixed slices of the length-sorted examples: the unit of sharding)
     batch_size: int = 16
+    # continuous: a new prompt joins as soon as one finishes, so batch_size rows decode until the task runs out;
+    # static: batch after batch, each run to its end (the old behaviour). The samples are the same either way
+    feed: str = "continuous"
     # Data-parallel sharding: this job evaluates every num_shards-th batch starting at shard_index (task=lm_eval:
     # every num_shards-th document of each task); `python -m llada_xp.evaluate merge` joins the shards' output dirs
     shard_index: int = 0
@@ -416,6 +427,7 @@ class EvalConfig:
 
     def check(self) -> None:
         _at_least("batch_size", self.batch_size, 1)
+        _one_of("feed", self.feed, ("continuous", "static"))
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}), got {self.shard_index}")
 

@@ -1,4 +1,4 @@
-"""The evaluation loop: a task's prompts through `Sampler.generate` in batches, scored, logged, resumable, shardable.
+"""The evaluation loop: a task's prompts through the sampler's running set, scored, logged, resumable, shardable.
 
 Writes into the output dir samples.jsonl (one line per sample, appended as it finishes; a restart on the same dir
 continues where it stopped) and metrics.json (accuracy, speed, NFE, latency, torch threads, fingerprint, resolved
@@ -19,7 +19,9 @@ import netrc
 import os
 import platform
 import socket
+import time
 import uuid
+from collections import deque
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
@@ -39,7 +41,7 @@ SAMPLES, METRICS = "samples.jsonl", "metrics.json"
 GENERATIONS = "generations.jsonl"  # task=lm_eval: the sampler's stats of each generation request (the speed figures)
 LM_EVAL_CACHE = "lm_eval_cache_"  # task=lm_eval: lm-eval's request cache, + the config key (+ "_rank0.db")
 # Sample fields that differ between identical runs (everything else is reproducible)
-TIMING_FIELDS = ("latency_s", "forward_s", "batch")
+TIMING_FIELDS = ("latency_s", "forward_s", "batch", "run_s", "run_forwards")
 WANDB_MODES = ("online", "offline", "disabled")
 PACKAGES = ("llada-xp", "torch", "transformers", "tokenizers", "datasets", "hydra-core", "wandb")
 
@@ -105,22 +107,18 @@ def _run(cfg: EvalConfig, task: tasks.Task, out: Path, logger) -> dict:
     records = dict(done)
     bar = tqdm(total=len(mine), initial=len(done), desc=f"eval {task.name}", unit="sample", disable=not cfg.progress)
     with open(path, "a") as f, bar:
-        for batch in [[i for i in b if i not in done] for b in batches]:
-            if not batch:
-                continue
-            batch_id = uuid.uuid4().hex[:8]
+        def on_finished(i, result, run_id, run_s, run_forwards):  # written at once: a killed run loses no sample
+            records[i] = _record(task, task.examples[i], result, tok, key, run_id, loaded.info.threads)
+            records[i].update(run_s=run_s, run_forwards=run_forwards)
+            f.write(json.dumps(records[i]) + "\n")
+            f.flush()
+            bar.update(1)
+            bar.set_postfix(accuracy=f"{sum(r['correct'] for r in records.values()) / len(records):.3f}",
+                            refresh=False)
 
-            def on_event(ev, batch=batch, batch_id=batch_id):
-                if isinstance(ev, Finished):  # written at once: a killed run loses no finished sample
-                    i = batch[ev.index]
-                    records[i] = _record(task, task.examples[i], ev.result, tok, key, batch_id, loaded.info.threads)
-                    f.write(json.dumps(records[i]) + "\n")
-                    f.flush()
-                    bar.update(1)
-                    bar.set_postfix(accuracy=f"{sum(r['correct'] for r in records.values()) / len(records):.3f}",
-                                    refresh=False)
-
-            sampler.generate([_request(ids[i], cfg, i) for i in batch], on_event=on_event)
+        todo = [[i for i in b if i not in done] for b in batches]
+        feed(sampler, {i: _request(ids[i], cfg, i) for b in todo for i in b}, todo, cfg.batch_size, cfg.feed,
+             on_finished)
     ordered = [records[i] for i in sorted(records)]
     metrics = summarize(ordered)
     metrics.update(complete=len(records) == len(mine), expected=len(mine), resumed=len(done), task=task.name,
@@ -191,6 +189,37 @@ def _lm_eval_metrics(results: dict, records: list[dict], generations: list[dict]
     if likelihood["loglikelihood_requests"]:
         metrics.update(likelihood)
     return metrics
+
+
+def feed(sampler: Sampler, requests: dict[int, Request], batches: list[list[int]], batch_size: int, how: str,
+         on_finished) -> None:
+    """Decode `requests` (by example index) through the sampler's running set; on_finished(index, result, run id,
+    run_s, run_forwards) as each finishes (run_s / run_forwards: the run's time and forwards so far).
+
+    continuous: one stream of the batches' examples in order, refilled as rows finish (at steps where joining costs
+    no extra forward, or once the set is half empty), so the set stays full until the task runs out (one run);
+    static: batch after batch, each run to its end (one run each)."""
+    streams = [[i for b in batches for i in b]] if how == "continuous" else [b for b in batches if b]
+    for stream in streams:
+        pending = deque(stream)
+        run_id, t0 = uuid.uuid4().hex[:8], time.perf_counter()
+
+        def on_event(ev, run_id=run_id, t0=t0):
+            if isinstance(ev, Finished):
+                on_finished(ev.index, ev.result, run_id, time.perf_counter() - t0, rs.forwards)
+
+        rs = sampler.running(on_event)
+        try:
+            while pending or rs:
+                # join where it costs no forward of its own (a running row starts a block), or before the set is
+                # down to half full
+                if rs.joins_free or len(rs) <= batch_size // 2:
+                    while pending and len(rs) < batch_size:
+                        i = pending.popleft()
+                        rs.add(requests[i], i)
+                rs.step()
+        finally:
+            rs.close()
 
 
 def shard_batches(ids: list[list[int]], batch_size: int, shard_index: int, num_shards: int) -> list[list[int]]:
@@ -286,7 +315,8 @@ def summarize(records: list[dict]) -> dict:
 def speed(records: list[dict]) -> dict:
     """Speed figures of generation records (nfe, tokens, committed, latency_s, batch, finish_reason, threads).
 
-    tokens/s counts answer tokens over the time the sampler spent: per batch, its slowest sample's latency. threads:
+    tokens/s counts answer tokens over the time the sampler spent: per batch (a continuous feed is one), the time
+    until its last sample finished (`run_s`; records without it: the slowest sample's latency). threads:
     the torch CPU threads the samples ran with — a list of the counts when they differ (resumed or merged runs), as
     the speed figures then mix them (None: samples written before threads were recorded)."""
     n = len(records)
@@ -296,9 +326,9 @@ def speed(records: list[dict]) -> dict:
     nfe = [r["nfe"] for r in records]
     batch_time: dict[str, float] = {}
     batch_forwards: dict[str, int] = {}
-    for r in records:
-        batch_time[r["batch"]] = max(batch_time.get(r["batch"], 0.0), r["latency_s"])
-        batch_forwards[r["batch"]] = max(batch_forwards.get(r["batch"], 0), r["nfe"])
+    for r in records:  # run_s / run_forwards: the sampler's time and forwards so far (older records: latency, NFE)
+        batch_time[r["batch"]] = max(batch_time.get(r["batch"], 0.0), r.get("run_s", r["latency_s"]))
+        batch_forwards[r["batch"]] = max(batch_forwards.get(r["batch"], 0), r.get("run_forwards", r["nfe"]))
     seconds = sum(batch_time.values())
     tokens = sum(r["tokens"] for r in records)
     lat = np.array([r["latency_s"] for r in records])

@@ -245,6 +245,17 @@ class KVCache(nn.Module):
         self.kv.index_copy_(2, cols, kv)
         return self.k, self.v
 
+    def update_at(self, rows, cols, kv, keys: int):
+        """Rows at their own columns: write kv [B, 2 * n_kv_heads, n, D] at columns cols [B, n] of cache rows `rows`
+        [B] (None = every row, in order); return (k, v) of the first `keys` columns of those rows."""
+        r = torch.arange(kv.shape[0], device=kv.device) if rows is None else rows
+        self.kv[r[:, None], :, cols] = kv.transpose(1, 2)
+        if rows is None:
+            return self.k[:, :, :keys], self.v[:, :, :keys]
+        sel = self.kv[rows, :, :keys]
+        h = sel.shape[1] // 2
+        return sel[:, :h], sel[:, h:]
+
     def keep(self, rows: torch.Tensor):
         self.kv = self.kv[rows]
         self._views()
@@ -473,6 +484,21 @@ class LLaDAModelLM(PreTrainedModel):
         for blk in self.transformer.blocks:
             blk.kv_cache = KVCache(batch, c.kv_heads, length, c.head_dim, p.dtype, p.device)
 
+    def grow_cache(self, batch: int, length: int):
+        """Room for at least `batch` rows and `length` columns; what is cached stays, new room is zeros (masked
+        keys must be finite: a zero attention weight times NaN is NaN)."""
+        p, c = self.transformer.wte.weight, self.config
+        for blk in self.transformer.blocks:
+            old = blk.kv_cache
+            b0, l0 = (old.kv.shape[0], old.kv.shape[2]) if old is not None else (0, 0)
+            if b0 >= batch and l0 >= length:
+                continue
+            new = KVCache(max(b0, batch), c.kv_heads, max(l0, length), c.head_dim, p.dtype, p.device)
+            new.kv.zero_()
+            if old is not None:
+                new.kv[:b0, :, :l0] = old.kv
+            blk.kv_cache = new
+
     def select_cache_rows(self, rows: torch.Tensor):
         """Keep only these batch rows of the cache (the batch shrank)."""
         for blk in self.transformer.blocks:
@@ -510,53 +536,74 @@ class LLaDAModelLM(PreTrainedModel):
         return self._cached_step is not None
 
     def forward(self, input_ids, attention_mask=None, start: int = 0, use_cache: bool = False,
-                logits_slice: slice | None = None, **kwargs):
+                logits_slice: slice | torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
+                cache_rows: torch.Tensor | None = None, **kwargs):
         """Logits for canvas columns [start, start + n) given as input_ids [B, n].
 
         attention_mask: [B, L] over the whole canvas (1 = real token, 0 = padding). Positions count real tokens,
           so a left-padded row gets the same RoPE positions as when it runs alone. None = no padding.
         use_cache: write this range's K/V into the cache and attend to all cached columns (setup_cache first).
           Prefix mode forwards [s, L) after a full forward; dual mode forwards [s, e) of a full cache.
-        logits_slice: columns (relative to start) to compute logits for; None = all n.
+        logits_slice: columns (relative to start) to compute logits for: a slice, or per-row indices [B, m];
+          None = all n.
+        input_pos: [B, n] rows at their own positions (the sampler's running set): each input column's RoPE position
+          and, with use_cache, its cache column in cache row `cache_rows` [B] (None = every cache row, in order).
+          attention_mask [B, Lk] (required) is then the key mask: over the n input columns without use_cache, over
+          the first Lk cached columns with it. `start` is unused.
         """
         if kwargs.get("past_key_values") is not None:
             raise ValueError("past_key_values is not supported: use setup_cache() and use_cache=True")
         B, n = input_ids.shape
         dev = input_ids.device
         cols = torch.arange(start, start + n, device=dev)
-        if attention_mask is None:
+        if input_pos is not None:  # rows at their own positions: the positions are the cache columns
+            pos, key_mask = input_pos.to(dev), attention_mask.to(dev).bool()[:, None, None, :]
+            cols, write = pos, "at"
+        elif attention_mask is None:
             pos, key_mask = cols.expand(B, n), None
         else:
             am = attention_mask.to(dev).bool()
             pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + n]
             key_mask = (am if use_cache else am[:, start:start + n])[:, None, None, :]
-        if use_cache and logits_slice is None and self._cached_step is not None:
+        if input_pos is None:
+            write = "range" if use_cache else None
+        elif not use_cache:
+            write = None
+        if write and logits_slice is None and self._cached_step is not None:
             try:
-                return CausalLMOutputWithPast(logits=self._cached_step(input_ids, pos, cols, key_mask, True, None))
+                return CausalLMOutputWithPast(logits=self._cached_step(input_ids, pos, key_mask, write, cols,
+                                                                       cache_rows, None))
             except Exception as e:  # noqa: BLE001 — whatever the compiler raised: say why, then run eager
                 log.warning("model.compile: the compiled block step failed (%s: %s); running eager from now on",
                             type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
                 self._cached_step = None
-        return CausalLMOutputWithPast(logits=self._body(input_ids, pos, cols, key_mask, use_cache, logits_slice))
+        return CausalLMOutputWithPast(logits=self._body(input_ids, pos, key_mask, write, cols, cache_rows,
+                                                        logits_slice))
 
-    def _body(self, input_ids, pos, cols, key_mask, use_cache: bool, logits_slice):
-        """The forward from token ids to logits; pos [B, n] RoPE positions, cols [n] the cache columns written."""
+    def _body(self, input_ids, pos, key_mask, write: str | None, cols, rows, logits_slice):
+        """From token ids to logits. pos [B, n]: RoPE positions; write: None (no cache), "range" (cache columns
+        cols [n] of every cache row) or "at" (columns cols [B, n] of cache rows `rows`, keys = key_mask's width)."""
         c, t = self.config, self.transformer
         h = t.wte(input_ids)
         if c.input_emb_norm:
             h = h * c.d_model ** 0.5
         if not c.rope:
             h = h + t.wpe(pos)
-        if use_cache:
+        if write == "range":
             def keys(cache, kv):
                 return cache.update(cols, kv)
+        elif write == "at":
+            def keys(cache, kv):
+                return cache.update_at(rows, cols, kv, key_mask.shape[-1])
         else:
             def keys(cache, kv):
                 return kv.chunk(2, dim=1)
         step = Step(self.rope(pos, h.dtype), key_mask, keys)
         for blk in t.blocks:
             h = blk(h, step)
-        if logits_slice is not None:
+        if isinstance(logits_slice, torch.Tensor):
+            h = h.gather(1, logits_slice[..., None].expand(-1, -1, h.shape[-1]))
+        elif logits_slice is not None:
             h = h[:, logits_slice]
         h = t.ln_f(h)
         logits = F.linear(h, t.wte.weight) if c.weight_tying else t.ff_out(h)

@@ -1,12 +1,37 @@
-"""The sampler core: LLaDA / Fast-dLLM block diffusion decoding of a batch of prompts, in ONE block loop.
+"""The sampler core: LLaDA / Fast-dLLM block diffusion decoding of a running set of rows, in ONE block loop.
 
 Cache mode (none | prefix | dual) and transfer rule (quota | threshold | factor) are data, not copies of the loop.
 Rules and quirks: shared/reference/sampling.md (LLaDA generate.py; Fast-dLLM llada/generate.py). Knows nothing
-about HTTP, Hydra or W&B; every path that generates text (serve, eval, bench) goes through `Sampler.generate`.
+about HTTP, Hydra or W&B; every path that generates text (serve, eval, bench) goes through `RunningSet.step`
+(`Sampler.generate` = add every row, step until empty).
 
-Per batch, these settings must agree (`shared_key`): block_length, cache, cfg_scale, logits_eos_inf,
-confidence_eos_eot_inf, early_stop. Everything else may differ per row: gen_length and steps (each row follows its
-own block/step schedule inside the batch canvas), temperature, threshold, factor, remasking, seed, stop.
+Continuous batching. A `RunningSet` holds rows, each at its own block and step within its own canvas (prompt +
+gen_length columns); `add` hands a row over at any time, it starts at the next `step`; a row leaves when it finishes
+or is aborted; a row whose block is complete starts its next block at the next step. Nothing has to be shared
+(`shared_key` is empty): block_length, cache, cfg_scale, the EOS options, early_stop, gen_length, steps, rule,
+temperature, seed and stop are all per row.
+- Layout: canvas row i lives in slot i of one [slots, width] tensor, from column 0 (right-padded with the pad id),
+  and in cache row i of the model's KV cache (cfg: a second cache row for the unconditional copy). Positions are
+  canvas columns, so RoPE gets the same numbers as alone; a key mask hides the columns past the row's canvas.
+  Forwards gather each row's query columns ([B, n] indices) and pass them as positions and cache columns
+  (`model(..., input_pos=, cache_rows=)`); a shorter row's padding queries point at its first column past the
+  canvas (width = longest canvas + 1), so their K/V land where no key is read. Freed slots are reused; the
+  tensors grow when a longer or an extra row joins and are released when the set empties.
+- Forwards per step: rows are grouped by the forward they need — `full` (no cache every step, and a cache mode's
+  block start: the whole canvas, filling the row's cache), `prefix` (block and everything right of it against the
+  cached prefix) and `dual` (the block only) — and each group takes ONE forward. Every row takes part in exactly one
+  forward per step, so its NFE is its NFE alone and no row idles in a forward. A step costs one forward per kind
+  present: 1 when all rows are at the same kind (always with cache=none; with a cache, the steps where no row
+  starts a block), 2 when some rows start a block while others are mid-block (one cache mode), 3 at most (prefix
+  and dual rows mixed). Why not one mixed forward: the starting rows need every canvas column as queries, the
+  others one block; padding everyone to the full canvas costs (canvas / block) times the compute of the cached rows
+  (8x at gen 256, block 32) — and ragged attention is not portable (SDPA, CPU) — while a second forward over the
+  starting rows costs what their block start costs anyway plus, on a GPU where small batches are bound by reading
+  the weights, one more weight read. Cached forwards read the rows' cache rows with an index (a copy of their K/V)
+  unless the group is every cache row in order.
+- Host synchronisations per forward group at temperature 0: the masked columns (`nonzero`: the float64 softmax runs
+  on those [M, V] rows only) and the committed tokens (`.tolist()`, which the stop checks and streaming need); on a
+  GPU one more to time the forward. Temperature > 0 and `random` remasking add per-row draws (each row's generator).
 
 Documented rules beyond the references (identical to them whenever their preconditions hold):
 - gen_length not divisible by block_length: the last block is shorter.
@@ -17,11 +42,13 @@ Documented rules beyond the references (identical to them whenever their precond
 - Ties in confidence go to the leftmost column.
 - Randomness: each row owns a torch.Generator (seeded from its seed). Per step and row, temperature > 0 draws
   u ~ U[0,1) float64 of shape [masked columns of the block, vocab] (column order), then `random` remasking draws
-  [masked columns] float64. Temperature 0 draws nothing. So a row's tokens do not depend on its batch.
+  [masked columns] float64. Temperature 0 draws nothing. So a row's tokens do not depend on its batch, nor on when
+  it joined.
 - confidence_eos_eot_inf: confidence = softmax with EOS and EoT logits at -inf (the reference does this only at
   temperature 0, a known bug; here at every temperature).
 - The mask id is never predicted (the references would loop forever or leave it in the answer).
 - Confidence is the float64 softmax of the raw logits at x0 (Fast-dLLM; LLaDA before June 2025).
+- An aborted row ends at the next step, before its forward.
 """
 
 from __future__ import annotations
@@ -67,8 +94,8 @@ class Stats:
     steps: int = 0  # denoising steps (= nfe; kept apart for clarity in reports)
     blocks: int = 0  # blocks entered
     committed: int = 0  # canvas columns committed while the row was active (EOS tail included)
-    wall_s: float = 0.0  # from batch start until the row finished
-    forward_s: float = 0.0  # time inside model forwards while the row was active
+    wall_s: float = 0.0  # from the row's admission (the step it started) until it finished
+    forward_s: float = 0.0  # time inside the model forwards the row took part in
 
     @property
     def tokens_per_forward(self) -> float:
@@ -101,8 +128,9 @@ class Finished:
 
 
 def shared_key(s: SamplerConfig) -> tuple:
-    """Settings that must be equal for requests to share a batch."""
-    return (s.block_length, s.cache, s.cfg_scale, s.logits_eos_inf, s.confidence_eos_eot_inf, s.early_stop)
+    """Settings that must be equal for requests to share a batch: none since rows run at their own block (kept for
+    callers that group requests; a row's forward kind is chosen per step, not per batch)."""
+    return ()
 
 
 def block_steps(steps: int, gen_length: int, block_length: int) -> list[int]:
@@ -135,258 +163,343 @@ def factor_count(sorted_conf: torch.Tensor, m: torch.Tensor, factor: torch.Tenso
 
 
 class Sampler:
-    """Decodes batches of requests with one model. Not thread-safe: one caller at a time (the engine's worker)."""
+    """Decodes requests with one model. Not thread-safe: one caller at a time (the engine's worker), and one
+    RunningSet at a time (the model owns the KV cache)."""
 
     def __init__(self, model, ids: SpecialIds, decode: Optional[Callable[[list[int]], str]] = None):
         self.model, self.ids, self.decode = model, ids, decode
         self.max_length = getattr(model.config, "max_sequence_length", None)
 
     # ------------------------------------------------------------------ public
+    def check(self, request: Request) -> None:
+        """Raise ValueError naming the problem if `request` cannot run."""
+        request.settings.check()
+        if not request.prompt:
+            raise ValueError("prompt is empty")
+        n, g = len(request.prompt), request.settings.gen_length
+        if self.max_length and n + g > self.max_length:
+            raise ValueError(f"prompt ({n} tokens) + gen_length ({g}) = {n + g} exceeds the model's "
+                             f"max_sequence_length {self.max_length}")
+
+    def running(self, on_event: Optional[Callable] = None) -> "RunningSet":
+        """An empty running set: `add` rows whenever, `step` until it is empty."""
+        return RunningSet(self, on_event or (lambda e: None))
+
     def generate(self, requests: list[Request], on_event: Optional[Callable] = None) -> list[Result]:
-        """Decode all requests as one batch; events (Tokens, Finished) go to `on_event` as they happen."""
-        if not requests:
-            return []
+        """Decode all requests together (event and result index = position in `requests`): the running set with
+        every row added at once, stepped until empty. Events (Tokens, Finished) go to `on_event` as they happen."""
         for r in requests:
-            r.settings.check()
-            if not r.prompt:
-                raise ValueError("prompt is empty")
-        keys = {shared_key(r.settings) for r in requests}
-        if len(keys) > 1:
-            raise ValueError(f"requests in one batch must share block_length, cache, cfg_scale, logits_eos_inf, "
-                             f"confidence_eos_eot_inf and early_stop; got {sorted(keys)}")
-        with torch.inference_mode():
-            return _Batch(self, requests, on_event or (lambda e: None)).run()
+            self.check(r)
+        results: list[Optional[Result]] = [None] * len(requests)
 
-    @torch.inference_mode()
-    def forward(self, x, attn, start: int, use_cache: bool, logits_slice: Optional[slice]):
-        return self.model(x, attention_mask=attn, start=start, use_cache=use_cache, logits_slice=logits_slice).logits
+        def collect(e):
+            if isinstance(e, Finished):
+                results[e.index] = e.result
+            if on_event is not None:
+                on_event(e)
+
+        rs = self.running(collect)
+        try:
+            for i, r in enumerate(requests):
+                rs.add(r, i)
+            while rs:
+                rs.step()
+        finally:
+            rs.close()
+        return results
 
 
-class _Batch:
-    """State of one batch while it decodes. Rows leave the tensors as they finish (the batch shrinks)."""
+class _Row:
+    """A request in the running set: its canvas (prompt + gen_length columns, right-padded) in slot `slot` of the
+    set's tensors and cache (`uslot`: the unconditional copy's cache row with cfg), its own block and step."""
 
-    def __init__(self, sampler: Sampler, requests: list[Request], on_event):
-        self.s, self.reqs, self.emit = sampler, requests, on_event
-        ids, settings = sampler.ids, [r.settings for r in requests]
-        first = settings[0]
-        self.bl, self.cache, self.cfg = first.block_length, first.cache, first.cfg_scale
-        self.eos_inf, self.eos_conf, self.early = first.logits_eos_inf, first.confidence_eos_eot_inf, first.early_stop
-        p = next(sampler.model.parameters())
-        self.dev = p.device
-        self.P = max(len(r.prompt) for r in requests)
-        self.G = max(s.gen_length for s in settings)
-        L = self.P + self.G
-        if sampler.max_length and L > sampler.max_length:
-            raise ValueError(f"prompt ({self.P} tokens) + gen_length ({self.G}) = {L} exceeds the model's "
-                             f"max_sequence_length {sampler.max_length}")
-        pad = ids.pad if ids.pad is not None else ids.eos
-        B = len(requests)
-        x = torch.full((B, L), pad, dtype=torch.long)
-        valid = torch.zeros((B, L), dtype=torch.bool)
-        for i, (r, s) in enumerate(zip(requests, settings)):
-            x[i, self.P - len(r.prompt):self.P] = torch.tensor(r.prompt, dtype=torch.long)
-            x[i, self.P:self.P + s.gen_length] = ids.mask
-            valid[i, self.P - len(r.prompt):self.P + s.gen_length] = True
-        self.x, self.valid = x.to(self.dev), valid.to(self.dev)
-        self.attn = None if bool(valid.all()) else self.valid  # no padding: no mask (SDPA's fast path)
-        self.rule = self.rule_tensors(settings)
-        self.prompt_cols = torch.zeros((B, L), dtype=torch.bool, device=self.dev)
-        for i, r in enumerate(requests):
-            self.prompt_cols[i, self.P - len(r.prompt):self.P] = True
-        self.rows = list(range(B))  # request index of each tensor row
-        self.gens = []
-        for s in settings:
-            g = torch.Generator(device=self.dev)
-            g.manual_seed(s.seed if s.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-            self.gens.append(g)
-        self.sched = [block_steps(s.steps, s.gen_length, self.bl) for s in settings]
-        self.done_len = [0] * B  # committed contiguous prefix of each row's answer
-        self.end: list[Optional[tuple[int, int]]] = [None] * B  # (answer length, stop id) once a stop id is final
-        self.stats = [Stats() for _ in requests]
-        self.results: list[Optional[Result]] = [None] * B
+    def __init__(self, key, req: Request, ids: SpecialIds, dev):
+        st = self.st = req.settings
+        self.key, self.req = key, req
+        self.Lp, self.G = len(req.prompt), st.gen_length
+        self.C = self.Lp + self.G
+        self.sched = block_steps(st.steps, st.gen_length, st.block_length)
+        self.b, self.s, self.e, self.step, self.plan = -1, self.Lp, self.Lp, 0, []
+        self.left = 0  # masked columns left in the current block; 0 = enter the next block at the next step
+        self.answer: list[int] = []  # host copy of the committed contiguous prefix of the answer
+        self.end: Optional[tuple[int, int]] = None  # (answer length, stop id) once a stop id is final
+        self.stats = Stats()
+        self.stop_ids = set(ids.stops) | set(st.stop_token_ids)
+        self.slot: int = -1
+        self.uslot: Optional[int] = None
+        self.gen = torch.Generator(device=dev)
+        self.gen.manual_seed(st.seed if st.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         self.t0 = time.perf_counter()
-        self.stop_ids = [set(ids.stops) | set(s.stop_token_ids) for s in settings]
-        self.early_ids = set(ids.stops) if self.early else set()
 
-    def rule_tensors(self, settings: list[SamplerConfig]):
-        """Per-row transfer rule as tensors: (threshold, factor, uses threshold, uses factor)."""
-        f64 = dict(dtype=torch.float64, device=self.dev)
-        return (torch.tensor([st.threshold if st.threshold is not None else 2.0 for st in settings], **f64),
-                torch.tensor([st.factor or 0.0 for st in settings], **f64),
-                torch.tensor([st.threshold is not None for st in settings], device=self.dev),
-                torch.tensor([st.factor is not None for st in settings], device=self.dev))
+    @property
+    def kind(self) -> str:
+        """The forward this row needs now: a full canvas forward (no cache; a cache mode's block start), else its
+        cache mode's cached forward."""
+        return "full" if self.st.cache == "none" or self.step == 0 else self.st.cache
 
-    # ------------------------------------------------------------------ loop
-    def run(self) -> list[Result]:
-        nb = -(-self.G // self.bl)
-        for b in range(nb):
-            if not self.rows:
-                break
-            s, e = self.P + b * self.bl, min(self.P + (b + 1) * self.bl, self.P + self.G)
-            for i in self.rows:
-                self.stats[i].blocks += 1
-            masks = (self.x[:, s:e] == self.s.ids.mask).sum(-1).tolist()
-            plan = {i: quota(m, self.sched[i][b]) if b < len(self.sched[i]) else [] for i, m in zip(self.rows, masks)}
-            step = 0
-            while self.rows and (self.x[:, s:e] == self.s.ids.mask).any():
-                logits = self.step_logits(s, e, step)
-                k_quota = torch.tensor([plan[i][step] if step < len(plan[i]) else 0 for i in self.rows],
-                                       device=self.dev)
-                self.commit(s, e, logits, k_quota)
-                step += 1
-                self.after_step(s, e)
-        for i in list(self.rows):
-            self.finish(i, "length")
-        if self.cache != "none":
+    def enter_next_block(self) -> None:
+        self.b += 1
+        bl = self.st.block_length
+        self.s = self.Lp + self.b * bl
+        self.e = min(self.s + bl, self.C)
+        self.step, self.left = 0, self.e - self.s
+        self.plan = quota(self.e - self.s, self.sched[self.b])  # the block is all masks when it starts
+        self.stats.blocks += 1
+
+
+class RunningSet:
+    """The rows decoding now, each at its own block and step; see the module docstring."""
+
+    def __init__(self, sampler: Sampler, on_event):
+        self.s, self.emit = sampler, on_event
+        self.dev = next(sampler.model.parameters()).device
+        self.pad = sampler.ids.pad if sampler.ids.pad is not None else sampler.ids.eos
+        self.rows: list[_Row] = []  # admitted, in admission order
+        self.joining: list[_Row] = []  # added, admitted at the next step
+        self.x: Optional[torch.Tensor] = None  # [slots, width] canvases, right-padded with pad (never the mask id)
+        self.free: list[int] = []  # free slots
+        self.cached = False  # the model's KV cache holds a row for every slot
+        self.forwards = 0  # model calls of this set (each counts 1 NFE for every row in it)
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.joining)
+
+    @property
+    def joins_free(self) -> bool:
+        """Would a row added now cost no extra forward? True when the set is empty or some row takes a whole-canvas
+        forward at the next step anyway (it starts a block, has no cache, or is joining): a joining row needs one."""
+        return not self.rows or bool(self.joining) or any(r.left == 0 or r.st.cache == "none" for r in self.rows)
+
+    def add(self, request: Request, key) -> None:
+        """Hand a row over; it starts at the next `step`. Events of this row carry `key` as their index."""
+        self.s.check(request)
+        self.joining.append(_Row(key, request, self.s.ids, self.dev))
+
+    def close(self) -> None:
+        """Release the canvases and the model's KV cache (the set stays usable)."""
+        if self.cached:
             self.s.model.clear_cache()
-        return self.results
+        self.x, self.free, self.cached = None, [], False
 
-    def step_logits(self, s: int, e: int, step: int) -> torch.Tensor:
-        """Logits [B, e-s, V] for the current block, by cache mode (reference/sampling.md)."""
-        n = e - s
-        if self.cache == "none":
-            x, start, use_cache, sl = self.x, 0, False, slice(s, e)
-        elif step == 0:  # block-start full forward fills the cache for every column
-            rows = self.x.shape[0] * (2 if self.cfg > 0 else 1)
-            self.s.model.setup_cache(rows, self.x.shape[1])
-            x, start, use_cache, sl = self.x, 0, True, slice(s, e)
-        elif self.cache == "prefix":  # current block and everything right of it, against cached [0, s)
-            x, start, use_cache, sl = self.x[:, s:], s, True, slice(0, n)
-        else:  # dual: the block only; its fresh K/V overwrite columns [s, e)
-            x, start, use_cache, sl = self.x[:, s:e], s, True, None
-        attn = self.attn
-        if self.cfg > 0:  # unconditional copy: prompt columns masked; both halves in one forward
-            un = torch.where(self.prompt_cols, self.s.ids.mask, self.x)[:, start:start + x.shape[1]]
-            x = torch.cat([x, un])
-            attn = None if attn is None else torch.cat([attn, attn])
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One denoising step of every row: admit joining rows, move rows with a complete block to their next one,
+        one forward per kind of row present (full, prefix, dual), commit, emit, finish."""
+        self._admit()
+        for row in [r for r in self.rows if r.req.aborted]:  # aborted before its forward: no NFE spent
+            self._finish(row, "abort", None, row.end[0] if row.end else len(row.answer))
+        for row in self.rows:
+            if row.left == 0:
+                row.enter_next_block()
+        groups = {kind: sorted((r for r in self.rows if r.kind == kind), key=lambda r: r.slot)
+                  for kind in ("full", "prefix", "dual")}
+        blocks: dict[int, list[int]] = {}
+        for kind, group in groups.items():
+            if group:
+                blocks.update(self._decode(kind, group))
+        for row in list(self.rows):
+            self._after_step(row, blocks[row.slot])
+        if not self:
+            self.close()
+
+    def _admit(self) -> None:
+        """Give joining rows slots (and cache rows) and write their canvases."""
+        if not self.joining:
+            return
+        new, self.joining = self.joining, []
+        need = sum(1 + (r.st.cfg_scale > 0) for r in new)
+        width = max(r.C for r in self.rows + new) + 1  # + 1: a spare column where padded queries write
+        slots = 0 if self.x is None else self.x.shape[0]
+        if len(self.free) < need:
+            self.free += range(slots, slots + need - len(self.free))
+            self.free.sort()
+        S = max(slots, self.free[-1] + 1)
+        if self.x is None:
+            self.x = torch.full((S, width), self.pad, dtype=torch.long, device=self.dev)
+        elif S > self.x.shape[0] or width > self.x.shape[1]:
+            x = torch.full((S, max(width, self.x.shape[1])), self.pad, dtype=torch.long, device=self.dev)
+            x[:self.x.shape[0], :self.x.shape[1]] = self.x
+            self.x = x
+        width = self.x.shape[1]
+        canv = torch.full((len(new), width), self.pad, dtype=torch.long)
+        for j, r in enumerate(new):
+            r.slot = self.free.pop(0)
+            if r.st.cfg_scale > 0:
+                r.uslot = self.free.pop(0)
+            canv[j, :r.Lp] = torch.tensor(r.req.prompt, dtype=torch.long)
+            canv[j, r.Lp:r.C] = self.s.ids.mask
+            r.t0 = time.perf_counter()
+        self.x[torch.tensor([r.slot for r in new], device=self.dev)] = canv.to(self.dev)
+        self.rows += new
+        if self.cached or any(r.st.cache != "none" for r in self.rows):
+            if not self.cached:  # whatever another user left there is not ours (and may be uninitialised)
+                self.s.model.clear_cache()
+            self.s.model.grow_cache(S, width)
+            self.cached = True
+
+    def _decode(self, kind: str, group: list[_Row]) -> dict[int, list[int]]:
+        """One forward of `group` (rows of one kind), then its commit; returns each row's block tokens (host)."""
+        dev, B = self.dev, len(group)
+        n = [r.e - r.s for r in group]
+        nb = max(n)
+        # block columns [B, nb]: s..e of each row; a shorter block is padded with the row's pad column C
+        bcols = torch.tensor([[r.s + j if j < k else r.C for j in range(nb)] for r, k in zip(group, n)], device=dev)
+        C = torch.tensor([r.C for r in group], device=dev)
+        slot = torch.tensor([r.slot for r in group], device=dev)
+        if kind == "full":  # whole canvases from column 0; the logits of the block columns only
+            width = max(r.C for r in group)
+            cols = torch.arange(width, device=dev).expand(B, width)
+            keys, lidx = width, bcols.clamp(max=width - 1)
+        elif kind == "prefix":  # the block and everything right of it, against the cached prefix
+            width = max(r.C - r.s for r in group)
+            cols = torch.tensor([[r.s + j if r.s + j < r.C else r.C for j in range(width)] for r in group],
+                                device=dev)
+            keys, lidx = max(r.C for r in group), slice(0, nb)
+        else:  # dual: the block only; its fresh K/V overwrite its columns, prefix and suffix stay frozen
+            cols, keys, lidx = bcols, max(r.C for r in group), None
+        inp = self.x[slot[:, None], cols]
+        key_mask = torch.arange(keys, device=dev)[None] < C[:, None]
+        lanes = [r.slot for r in group]
+        cfg = [(i, r) for i, r in enumerate(group) if r.st.cfg_scale > 0]
+        if cfg:  # unconditional copies (prompt columns masked) in the same forward, in their own cache rows
+            ci = torch.tensor([i for i, _ in cfg], device=dev)
+            lp = torch.tensor([r.Lp for _, r in cfg], device=dev)
+            inp = torch.cat([inp, torch.where(cols[ci] < lp[:, None], self.s.ids.mask, inp[ci])])
+            cols, key_mask = torch.cat([cols, cols[ci]]), torch.cat([key_mask, key_mask[ci]])
+            lanes += [r.uslot for _, r in cfg]
+            if isinstance(lidx, torch.Tensor):
+                lidx = torch.cat([lidx, lidx[ci]])
+        rows = None if lanes == list(range(self.x.shape[0])) else torch.tensor(lanes, device=dev)
         t = time.perf_counter()
-        logits = self.s.forward(x, attn, start, use_cache, sl)
-        if self.dev.type == "cuda":
-            torch.cuda.synchronize(self.dev)
+        logits = self.s.model(inp, attention_mask=key_mask, use_cache=self.cached, logits_slice=lidx,
+                              input_pos=cols, cache_rows=rows).logits
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t
-        for i in self.rows:
-            self.stats[i].nfe += 1
-            self.stats[i].steps += 1
-            self.stats[i].forward_s += dt
-        if self.cfg > 0:
-            cond, un = logits.chunk(2)
-            logits = un + (self.cfg + 1) * (cond - un)
-        return logits
+        self.forwards += 1
+        for r in group:
+            r.stats.nfe += 1
+            r.stats.steps += 1
+            r.stats.forward_s += dt
+        if cfg:
+            cond, un = logits[:B], logits[B:]
+            for j, (i, r) in enumerate(cfg):
+                cond[i] = un[j] + (r.st.cfg_scale + 1) * (cond[i] - un[j])
+            logits = cond
+        return self._commit(group, slot, bcols, logits)
 
-    def commit(self, s: int, e: int, logits: torch.Tensor, k_quota: torch.Tensor) -> None:
-        """Predict x0 at masked block columns, score confidence, select per row, write. logits: [B, n, V]."""
-        ids, xb = self.s.ids, self.x[:, s:e]
-        masked = xb == ids.mask  # [B, n]
+    def _commit(self, group: list[_Row], slot, bcols, logits) -> dict[int, list[int]]:
+        """Predict x0 at masked block columns, score confidence, select per row, write. logits: [B, nb, V]."""
+        ids, dev = self.s.ids, self.dev
+        xb = self.x[slot[:, None], bcols]  # [B, nb]
+        masked = xb == ids.mask  # pad columns are never masks
         logits[..., ids.mask] = -torch.inf  # the mask id is never a prediction (a committed mask would never end)
-        if self.eos_inf:
-            logits[..., ids.eos] = -torch.inf
+        eos_rows = [i for i, r in enumerate(group) if r.st.logits_eos_inf]
+        if eos_rows:
+            logits[eos_rows, :, ids.eos] = -torch.inf
         B, n, V = logits.shape
-        settings = [self.reqs[i].settings for i in self.rows]
         pred = logits.argmax(-1)  # temperature 0: plain argmax, no draw
-        for r, (i, st) in enumerate(zip(self.rows, settings)):
-            if st.temperature > 0:  # Gumbel-max in float64: exp(l) / (-log u)^T
-                cols = masked[r].nonzero().squeeze(-1)
-                u = torch.rand((cols.numel(), V), dtype=torch.float64, device=self.dev, generator=self.gens[i])
-                pred[r, cols] = (logits[r, cols].double().exp() / (-torch.log(u)) ** st.temperature).argmax(-1)
-        lc = logits[masked].double()  # [M, V]: softmax only where masked
-        if self.eos_conf:
-            lc[:, list(ids.stops)] = -torch.inf
-        conf = torch.full((B, n), -torch.inf, dtype=torch.float64, device=self.dev)
-        conf[masked] = torch.softmax(lc, -1).gather(-1, pred[masked][:, None]).squeeze(-1)
-        for r, (i, st) in enumerate(zip(self.rows, settings)):
-            if st.remasking == "random":
-                cols = masked[r].nonzero().squeeze(-1)
-                conf[r, cols] = torch.rand(cols.shape, dtype=torch.float64, device=self.dev, generator=self.gens[i])
+        for i, r in enumerate(group):
+            if r.st.temperature > 0:  # Gumbel-max in float64: exp(l) / (-log u)^T
+                cols = masked[i].nonzero().squeeze(-1)
+                u = torch.rand((cols.numel(), V), dtype=torch.float64, device=dev, generator=r.gen)
+                pred[i, cols] = (logits[i, cols].double().exp() / (-torch.log(u)) ** r.st.temperature).argmax(-1)
+        at = masked.nonzero(as_tuple=True)  # the masked columns (a host synchronisation: M is data-dependent)
+        lc = logits[at].double()  # [M, V]: float64 softmax only where masked
+        eos_conf = [r.st.confidence_eos_eot_inf for r in group]
+        if any(eos_conf):
+            stops = torch.zeros(V, dtype=torch.bool, device=dev)
+            stops[list(ids.stops)] = True
+            rowflag = torch.tensor(eos_conf, device=dev)[at[0]]
+            lc.masked_fill_(rowflag[:, None] & stops, -torch.inf)
+        conf = torch.full((B, n), -torch.inf, dtype=torch.float64, device=dev)
+        conf[at] = torch.softmax(lc, -1).gather(-1, pred[at][:, None]).squeeze(-1)
+        for i, r in enumerate(group):
+            if r.st.remasking == "random":
+                cols = masked[i].nonzero().squeeze(-1)
+                conf[i, cols] = torch.rand(cols.shape, dtype=torch.float64, device=dev, generator=r.gen)
         m = masked.sum(-1)
         sorted_conf, order = torch.sort(conf, dim=-1, descending=True, stable=True)
-        thr, fac, use_thr, use_fac = self.rule
+        f64 = dict(dtype=torch.float64, device=dev)
+        thr = torch.tensor([r.st.threshold if r.st.threshold is not None else 2.0 for r in group], **f64)
+        fac = torch.tensor([r.st.factor or 0.0 for r in group], **f64)
+        use_thr = torch.tensor([r.st.threshold is not None for r in group], device=dev)
+        use_fac = torch.tensor([r.st.factor is not None for r in group], device=dev)
+        k_quota = torch.tensor([r.plan[r.step] if r.step < len(r.plan) else 0 for r in group], device=dev)
         k_thr = (sorted_conf >= thr[:, None]).sum(-1).clamp(min=1)
         k = torch.where(use_fac, factor_count(sorted_conf, m, fac), torch.where(use_thr, k_thr, k_quota))
         k = torch.minimum(k, m)
-        take = torch.arange(n, device=self.dev)[None] < k[:, None]
+        take = torch.arange(n, device=dev)[None] < k[:, None]
         select = torch.zeros_like(masked).scatter(-1, order, take)
-        self.x[:, s:e] = torch.where(select, pred, xb)
-        for i, c in zip(self.rows, k.tolist()):
-            self.stats[i].committed += c
+        new = torch.where(select, pred, xb)
+        self.x[slot[:, None], bcols] = new
+        host = torch.cat([k[:, None], new], 1).tolist()  # the commit's second host synchronisation
+        out = {}
+        for r, (c, *blk) in zip(group, host):
+            r.stats.committed += c
+            r.step += 1
+            out[r.slot] = blk[:r.e - r.s]
+        return out
 
-    def after_step(self, s: int, e: int) -> None:
-        """Emit newly final tokens; finish rows that hit a stop, were aborted, or completed their canvas.
+    def _after_step(self, row: _Row, blk: list[int]) -> None:
+        """Emit newly final tokens; finish the row if it hit a stop, was aborted, or completed its canvas.
 
         early_stop governs EOS/EoT only; stop strings and stop ids always end the row at once.
         """
-        gen = self.x[:, self.P:].tolist()
-        finished = []
-        for r, i in enumerate(self.rows):
-            req, row, g = self.reqs[i], gen[r], self.reqs[i].settings.gen_length
-            old = new = self.done_len[i]
-            while new < g and row[new] != self.s.ids.mask:
-                new += 1
-            self.done_len[i] = new
-            if req.aborted:
-                finished.append((i, "abort", None, self.end[i][0] if self.end[i] else new))
-                continue
-            if self.end[i] is None:
-                fresh = row[old:new]
-                cut = next((j for j, t in enumerate(fresh) if t in self.stop_ids[i]), None)
-                if cut is not None:
-                    self.end[i] = (old + cut, fresh[cut])
-                    fresh = fresh[:cut]
-                if fresh:
-                    self.emit(Tokens(i, fresh))
-                    # the text before a stop id committed in this same step is checked too: with threshold
-                    # decoding a whole block (answer, stop string and EoT) often commits in one step
-                    hit = self.stop_string(i, row[:old], fresh)
-                    if hit is not None:
-                        finished.append((i, "stop", *hit))
-                        continue
-            if self.end[i] is not None:
-                end, tok = self.end[i]
-                if tok not in self.s.ids.stops or self.early or new == g:
-                    finished.append((i, "stop", tok, end))
-            elif new == g:
-                finished.append((i, "length", None, new))
-        for i, reason, stop, end in finished:
-            self.finish(i, reason, stop, end)
+        mask = self.s.ids.mask
+        row.left = sum(t == mask for t in blk)
+        base, old = row.s - row.Lp, len(row.answer)  # earlier blocks are complete: old >= base
+        new = base + next((j for j, t in enumerate(blk) if t == mask), len(blk))
+        fresh = blk[old - base:new - base]
+        row.answer += fresh
+        if row.req.aborted:
+            return self._finish(row, "abort", None, row.end[0] if row.end else new)
+        if row.end is None:
+            cut = next((j for j, t in enumerate(fresh) if t in row.stop_ids), None)
+            if cut is not None:
+                row.end = (old + cut, fresh[cut])
+                fresh = fresh[:cut]
+            if fresh:
+                self.emit(Tokens(row.key, fresh))
+                # the text before a stop id committed in this same step is checked too: with threshold
+                # decoding a whole block (answer, stop string and EoT) often commits in one step
+                hit = self._stop_string(row, row.answer[:old], fresh)
+                if hit is not None:
+                    return self._finish(row, "stop", *hit)
+        if row.end is not None:
+            end, tok = row.end
+            if tok not in self.s.ids.stops or row.st.early_stop or new == row.G:
+                return self._finish(row, "stop", tok, end)
+        elif new == row.G:
+            self._finish(row, "length", None, new)
 
-    def stop_string(self, i: int, before: list[int], fresh: list[int]) -> Optional[tuple[str, int]]:
+    def _stop_string(self, row: _Row, before: list[int], fresh: list[int]) -> Optional[tuple[str, int]]:
         """(the earliest stop string in the answer, answer length in tokens) once `fresh` completes one, else None.
 
         The answer keeps tokens up to the one that completes the stop string (the text is cut before it in
-        `finish`), like vLLM. Stop strings were checked at every earlier step, so `before` holds none.
+        `_finish`), like vLLM. Stop strings were checked at every earlier step, so `before` holds none.
         """
-        st = self.reqs[i].settings
-        if not st.stop or self.s.decode is None:
+        st, decode = row.st, self.s.decode
+        if not st.stop or decode is None:
             return None
-        text = self.s.decode(before + fresh)
+        text = decode(before + fresh)
         hits = [(text.find(w), w) for w in st.stop if w and w in text]
         if not hits:
             return None
         word = min(hits)[1]
         end = next(k for k in range(len(before) + 1, len(before) + len(fresh) + 1)
-                   if word in self.s.decode((before + fresh)[:k]))
+                   if word in decode((before + fresh)[:k]))
         return word, end
 
-    def finish(self, i: int, reason: str, stop=None, end: Optional[int] = None) -> None:
-        r = self.rows.index(i)
-        row = self.x[r, self.P:self.P + self.reqs[i].settings.gen_length].tolist()
-        if end is None:  # end of decoding: a stop id seen earlier, else the whole canvas is the answer
-            reason, stop, end = ("stop", self.end[i][1], self.end[i][0]) if self.end[i] else (reason, None, len(row))
-        tokens = row[:end]
+    def _finish(self, row: _Row, reason: str, stop, end: int) -> None:
+        tokens = row.answer[:end]
         text = self.s.decode(tokens) if self.s.decode is not None else None
         if isinstance(stop, str) and text is not None:
             text = text[:text.find(stop)]
-        self.stats[i].wall_s = time.perf_counter() - self.t0
-        self.results[i] = Result(tokens, text, reason, stop, self.stats[i])
-        self.emit(Finished(i, self.results[i]))
-        keep = [q for q, j in enumerate(self.rows) if j != i]
-        self.rows.pop(r)
-        if not self.rows:
-            return
-        idx = torch.tensor(keep, device=self.dev)
-        self.x, self.valid, self.prompt_cols = self.x[idx], self.valid[idx], self.prompt_cols[idx]
-        self.attn = None if bool(self.valid.all()) else self.valid
-        self.rule = tuple(t[idx] for t in self.rule)
-        if self.cache != "none" and self.s.model.transformer.blocks[0].kv_cache is not None:
-            n = len(keep) + 1
-            cache_rows = torch.cat([idx, idx + n]) if self.cfg > 0 else idx
-            self.s.model.select_cache_rows(cache_rows)
+        row.stats.wall_s = time.perf_counter() - row.t0
+        result = Result(tokens, text, reason, stop, row.stats)
+        self.rows.remove(row)
+        self.free += [row.slot] + ([row.uslot] if row.uslot is not None else [])
+        self.free.sort()
+        self.emit(Finished(row.key, result))

@@ -66,6 +66,16 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("llada_xp_time_to_first_token_seconds", "Arrival to first final token",
                               buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("llada_xp_queue_wait_seconds", "Submission to admission into a batch, per row",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.mid_batch = Counter("llada_xp_rows_admitted_mid_batch", "Rows that joined rows already decoding "
+                                 "(server.scheduler=continuous)", registry=r)
+
+    def admitted(self, wait_s: float, mid_batch: bool) -> None:
+        """The engine's on_admit hook (its worker thread)."""
+        self.queue_wait.observe(wait_s)
+        if mid_batch:
+            self.mid_batch.inc()
 
 
 class _State:
@@ -87,7 +97,8 @@ class _State:
             loaded = load_model(self.cfg.model)
             sampler = Sampler(loaded.model, loaded.info.ids, decode=loaded.tokenizer.decode)
             s = self.cfg.server
-            engine = Engine(sampler, max_batch_size(s, loaded.info.device), s.max_queue, s.batch_window_ms / 1000)
+            engine = Engine(sampler, max_batch_size(s, loaded.info.device), s.max_queue, s.batch_window_ms / 1000,
+                            s.scheduler, self.metrics.admitted, s.join_wait_steps)
             self.loaded, self.created = loaded, now()
             self.engine = engine.start()  # last: a set engine means ready
             log.info("ready: serving %s as %s", loaded.info.path, self.names)

@@ -102,3 +102,12 @@ def test_demo_train_help_names_the_module_and_shows_every_default(capsys, monkey
     assert out.count("(default: ") == len(re.findall(r"^  --", out, re.M)) > 20
     assert re.search(r"--steps STEPS\s+optimizer steps .*\(default: 8000\)", out)
     assert re.search(r"--batch-size BATCH_SIZE\s+examples per optimizer step \(default: 32\)", out)
+
+
+@pytest.mark.slow
+def test_scheduler_bench_prints_static_beside_continuous():
+    out = bench("scheduler", "--long-gen", "64", "--shorts", "3", "--requests", "6", "--eval-limit", "8",
+                "--eval-gen-length", "32", "--max-batch-size", "4")
+    rows = [line for line in out.splitlines() if line.startswith("| (")]
+    assert len(rows) == 9 and rows[0].startswith("| (a) short p50 latency")
+    assert all(re.fullmatch(r"\| .+ \| [\d.]+ \| [\d.]+ \| ([\d.]+|nan)x \|", r) for r in rows), rows

@@ -75,6 +75,7 @@ def test_free_form_dicts_still_take_new_keys():
     ("serve", "server.max_batch_size=0", "server.max_batch_size"), ("serve", "server.log_level=loud", "server.log_level"),
     ("serve", "launcher.name=k8s", "launcher.name"), ("eval", "logger.name=mlflow", "logger.name"),
     ("eval", "batch_size=0", "batch_size"), ("eval", "shard_index=2", "shard_index"),
+    ("serve", "server.scheduler=fifo", "server.scheduler"), ("eval", "feed=lazy", "feed"),
 ])
 def test_out_of_range_values_are_errors_naming_the_key(primary, override, key):
     with pytest.raises(ConfigError, match=rf"^{key} must "):

@@ -199,6 +199,17 @@ def test_in_process_run_writes_samples_that_recompute_to_its_metrics(tiny_dir, t
     assert not (tmp_path / "wandb").exists()  # logger=none logs nothing
 
 
+def test_continuous_feed_gives_the_static_batches_samples_with_batch_size_rows_running(tiny_dir, tmp_path):
+    cont = run(tiny_cfg(tiny_dir, tmp_path / "c"))
+    static = run(tiny_cfg(tiny_dir, tmp_path / "s", feed="static"))
+    c, s = read_samples(tmp_path / "c" / SAMPLES), read_samples(tmp_path / "s" / SAMPLES)
+    assert stable(c) == stable(s) and cont["accuracy"] == static["accuracy"]
+    assert len({r["batch"] for r in c}) == 1 and len({r["batch"] for r in s}) == LIMIT // BATCH
+    # one stream: the rows never outnumber batch_size, and its forwards are the set's, not a sum of batches
+    assert cont["model_forwards"] == max(r["run_forwards"] for r in c)
+    assert cont["model_forwards"] >= max(r["nfe"] for r in c) and cont["seconds"] == max(r["run_s"] for r in c)
+
+
 def test_rerun_on_a_finished_dir_recomputes_nothing(tiny_dir, tmp_path):
     first = run(tiny_cfg(tiny_dir, tmp_path))
     before = (tmp_path / SAMPLES).read_text()

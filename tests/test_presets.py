@@ -13,18 +13,20 @@ from llada_xp.config import EvalConfig, load, register
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCT, BASE = "GSAI-ML/LLaDA-8B-Instruct", "GSAI-ML/LLaDA-8B-Base"
 
-# Generation presets: model, lm-eval tasks, k-shot, gen_length, block_length, steps, logits_eos_inf, and the
-# (cache, threshold) of the single run, or of the sweep's base point
+# Generation presets: model, lm-eval tasks, k-shot, gen_length, block_length, steps, (logits_eos_inf,
+# confidence_eos_eot_inf), and the (cache, threshold) of the single run, or of the sweep's base point
 GENERATION = {
     # Fast-dLLM v1 README / eval_gsm8k.sh: 5-shot, gen 256, block 32, steps = gen_length, threshold 0.9
-    "fast_dllm_gsm8k": (INSTRUCT, ["gsm8k"], 5, 256, 32, 256, False, "none", None),
+    "fast_dllm_gsm8k": (INSTRUCT, ["gsm8k"], 5, 256, 32, 256, (False, False), "none", None),
     # Fast-dLLM v1 README / eval_humaneval.sh: 0-shot, gen 256, block 32
-    "fast_dllm_humaneval": (INSTRUCT, ["humaneval_instruct"], 0, 256, 32, 256, False, "none", None),
-    # LLaDA EVAL.md: GSM8K gen 256 / block 8; MATH gen 512 / block 64; HumanEval gen 512, EOS at -inf; MBPP gen 256
-    "llada_instruct_gsm8k": (INSTRUCT, ["gsm8k"], 5, 256, 8, 256, False, "none", None),
-    "llada_instruct_math": (INSTRUCT, ["minerva_math"], 4, 512, 64, 512, False, "none", None),
-    "llada_instruct_humaneval": (INSTRUCT, ["humaneval_instruct"], 0, 512, 32, 512, True, "none", None),
-    "llada_instruct_mbpp": (INSTRUCT, ["mbpp_instruct"], 3, 256, 32, 256, False, "none", None),
+    "fast_dllm_humaneval": (INSTRUCT, ["humaneval_instruct"], 0, 256, 32, 256, (False, False), "none", None),
+    # LLaDA EVAL.md: GSM8K gen 256 / block 8 and MATH gen 512 / block 64 (its block-diffusion table); HumanEval
+    # gen = block 512 with EOS logits at -inf and MBPP gen = block 256 with EOS/EoT confidence at -inf (its
+    # pure-diffusion table)
+    "llada_instruct_gsm8k": (INSTRUCT, ["gsm8k"], 5, 256, 8, 256, (False, False), "none", None),
+    "llada_instruct_math": (INSTRUCT, ["minerva_math"], 4, 512, 64, 512, (False, False), "none", None),
+    "llada_instruct_humaneval": (INSTRUCT, ["humaneval_instruct"], 0, 512, 512, 512, (True, False), "none", None),
+    "llada_instruct_mbpp": (INSTRUCT, ["mbpp_instruct"], 3, 256, 256, 256, (False, True), "none", None),
 }
 # Fast-dLLM's grid: the baseline, + cache (prefix; dual), + parallel decoding (threshold 0.9), and both
 FAST_DLLM_SWEEP = {"sampler.cache": "none,prefix,dual", "sampler.threshold": "null,0.9"}
@@ -65,7 +67,8 @@ def test_generation_preset_holds_the_published_settings(name):
     cfg = preset(name)
     s, t = cfg.sampler, cfg.task
     assert (cfg.model.source, cfg.model.path, t.name, t.tasks, t.num_fewshot) == ("hf", path, "lm_eval", tasks, shots)
-    assert (s.gen_length, s.block_length, s.steps, s.logits_eos_inf) == (gen, block, steps, eos_inf)
+    assert (s.gen_length, s.block_length, s.steps) == (gen, block, steps)
+    assert (s.logits_eos_inf, s.confidence_eos_eot_inf) == eos_inf
     assert (s.cache, s.threshold, s.factor, s.temperature, s.remasking) == (cache, threshold, None, 0.0,
                                                                            "low_confidence")
     assert s.cfg_scale == 0.0 and not s.early_stop  # the references decode every block, then cut at EOS

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from llada_xp.config import SamplerConfig
-from llada_xp.sampler import (Finished, Request, Sampler, Tokens, block_steps, factor_count, quota,
-                              shared_key)
+from llada_xp.sampler import Finished, Request, Sampler, Tokens, block_steps, factor_count, quota
 from tests import reference_sampler as ref
 from tests import tiny
 
@@ -267,14 +266,6 @@ def test_abort_ends_one_row_and_others_continue(sharp):
     res = Sampler(sharp, ids_of(sharp)).generate([a, b], on_event)
     assert res[0].finish_reason == "abort" and res[0].stats.nfe < res[1].stats.nfe
     assert res[1].tokens == run_one(sharp, [4, 5], st).tokens
-
-
-def test_mixed_shared_settings_are_rejected(flat):
-    a = SamplerConfig(block_length=4)
-    b = SamplerConfig(block_length=8)
-    assert shared_key(a) != shared_key(b)
-    with pytest.raises(ValueError, match="must share block_length"):
-        Sampler(flat, ids_of(flat)).generate([Request([1], a), Request([2], b)])
 
 
 @pytest.mark.parametrize("field,value", [("gen_length", 0), ("steps", 0), ("block_length", -1),

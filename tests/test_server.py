@@ -675,15 +675,15 @@ def test_full_queue_answers_429_with_retry_after(tiny_folder):
 
 def test_error_after_the_stream_started_is_a_data_event_then_done(tiny_folder, caplog):
     s = Live(tiny_model(tiny_folder)).wait_ready()
-    real = s.engine.sampler.generate
+    real = s.engine.sampler.running
 
-    def broken(requests, on_event=None):  # emits one token, then fails mid-batch
+    def broken(on_event=None):  # a running set that emits one token, then fails mid-batch
         def once(e):
             on_event(e)
             raise RuntimeError("device lost")
-        return real(requests, on_event=once)
+        return real(once)
 
-    s.engine.sampler.generate = broken
+    s.engine.sampler.running = broken
     try:
         with s.http.stream("POST", "/v1/chat/completions", json={"messages": HI, "stream": True}) as r:
             events = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
@@ -695,7 +695,7 @@ def test_error_after_the_stream_started_is_a_data_event_then_done(tiny_folder, c
         r = s.http.post("/v1/chat/completions", json={"messages": HI})
         assert r.status_code == 500 and r.json()["error"]["message"] == err["message"]
         assert "device lost" in caplog.text
-        s.engine.sampler.generate = real
+        s.engine.sampler.running = real
         assert s.http.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 4}).status_code == 200
     finally:
         s.stop()
