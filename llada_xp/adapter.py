@@ -65,6 +65,8 @@ def merge_adapter(model: nn.Module, source: str) -> nn.Module:
         weights = load_peft_weights(source, device="cpu")
     except (OSError, ValueError) as e:
         raise AdapterError(f"cannot read the adapter {source} (adapter_config.json and adapter weights): {e}") from e
+    if hasattr(model, "unfuse"):  # a fused LLaDA model: back to the checkpoint's modules, which adapters target
+        model.unfuse()
     check_fit(model, weights, source)
     try:
         peft_model = PeftModel.from_pretrained(model, source, config=config)

@@ -2,6 +2,8 @@
 
     python -m llada_xp.bench server [--concurrency 1,4,16] [--model demo|PATH] [--url URL] [--replicas 1,2]
                                     [--policy round_robin,power_of_two] [overrides]
+    python -m llada_xp.bench step [--model demo|llada-8b|PATH] [--layers N] [--scale K] [--baseline REV]
+                                  [--no-compile]
     python -m llada_xp.bench sampler [--model demo|llada-8b-random|PATH] [--batch N] [--gen-length N]
     python -m llada_xp.bench scheduler [--model demo|PATH] [--max-batch-size 8]
 
@@ -20,6 +22,10 @@ prompts in batches of each level's size, which shows how much batching can give 
 --replicas 1,2 runs the same levels against serve.py server.replicas=1, then =2 (the gateway in front), and prints
 aggregate tokens/s relative to the first count and p99 latency. --policy A,B runs every count above 1 once per
 gateway policy (server.policy), in the order given (repeat one, e.g. A,B,B,A, to see the drift of a noisy machine).
+
+`step`: what one decoding step costs the host (issue 17): ATen ops per forward (torch.profiler), host syncs per
+sampler step, ms per dual-cache block step and block-start forward, eager vs compiled, and with --baseline REV the
+same weights in that revision's model.py.
 """
 
 from __future__ import annotations
@@ -392,6 +398,200 @@ def bench_sampler(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ step
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item", "aten::is_nonzero")  # device → host waits
+
+
+def _step_model(args):
+    """(model, ids, prompts, description) for the step bench: the demo, or LLaDA-8B shapes with random weights
+    (--layers fewer layers, --scale K: d_model, heads and MLP width / K, head_dim 128, LLaDA's vocabulary)."""
+    import torch
+
+    from llada_xp.loading import pick_device, pick_dtype
+    from llada_xp.model import PRESETS, LLaDAConfig, LLaDAModelLM
+    from llada_xp.sampler import SpecialIds
+
+    if args.model != "llada-8b":
+        model, ids, prompts, what = _bench_model(args)
+        return model.fuse(), ids, prompts, what
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    p, k = dict(PRESETS["llada-8b"]), args.scale
+    p.update(d_model=4096 // k, n_heads=32 // k, n_kv_heads=32 // k, mlp_hidden_size=12288 // k,
+             n_layers=args.layers or 32)
+    config = LLaDAConfig(**p)
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = LLaDAModelLM(config).to(dtype).eval().fuse()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 126000, (args.prompt_length,), generator=g).tolist() for _ in range(args.batch)]
+    ids = SpecialIds(mask=config.mask_token_id, eos=config.eos_token_id, eot=126348, pad=config.pad_token_id)
+    shape = f"d_model {config.d_model}, {config.n_layers} layers, vocabulary {config.vocab_size}"
+    return model, ids, prompts, f"LLaDA-8B shapes / {k} ({shape}), random {str(dtype).removeprefix('torch.')}"
+
+
+def _baseline_model(rev: str, model):
+    """The same weights in llada_xp/model.py as of git revision `rev` (before/after in one run)."""
+    import importlib.util
+    import tempfile
+
+    out = subprocess.run(["git", "show", f"{rev}:llada_xp/model.py"], cwd=CONF_DIR.parent, capture_output=True,
+                         text=True)
+    if out.returncode:
+        raise SystemExit(f"--baseline {rev}: {out.stderr.strip()}")
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(out.stdout)
+    spec = importlib.util.spec_from_file_location(f"llada_xp_model_{rev}", f.name)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        os.unlink(f.name)
+    p = next(model.parameters())
+    fields = model.config.to_dict()
+    with p.device:
+        old = mod.LLaDAModelLM(mod.LLaDAConfig(**fields)).to(p.dtype).eval()
+    old.load_state_dict(model.state_dict())  # checkpoint names both ways
+    return old
+
+
+def _ops(fn) -> tuple[int, int]:
+    """(top-level ATen ops, all ATen ops including nested ones) that fn() dispatches, by torch's profiler (CPU side)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ev = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in ev if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return len(top), len(ev)
+
+
+def _best_ms(fn, repeats: int) -> float:
+    import torch
+
+    fn()  # warm-up (and compilation)
+    best = float("inf")
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def _forwards(model, B: int, L: int, s: int, bl: int, device):
+    """(block-start forward, dual-cache block step) on a canvas of L columns, block [s, s + bl)."""
+    import torch
+
+    x = torch.randint(0, model.config.vocab_size, (B, L), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def start():
+        model.setup_cache(B, L)
+        return model(x, use_cache=True, logits_slice=slice(s, s + bl)).logits
+
+    def step():
+        return model(x[:, s:s + bl], start=s, use_cache=True).logits
+
+    return start, step
+
+
+def count_syncs(fn, device) -> int:
+    """Host synchronisations while fn() runs: item()/bool()/nonzero()/boolean-mask indexing (profiler), tolist() and
+    cuda.synchronize() (counted calls), and on CUDA whatever torch.cuda.set_sync_debug_mode reports."""
+    import warnings
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    calls = [0]
+    tolist, cuda_sync = torch.Tensor.tolist, torch.cuda.synchronize
+
+    def counted(f):
+        def g(*a, **k):
+            calls[0] += 1
+            return f(*a, **k)
+        return g
+
+    torch.Tensor.tolist, torch.cuda.synchronize = counted(tolist), counted(cuda_sync)
+    try:
+        with warnings.catch_warnings(record=True) as caught, profile(activities=[ProfilerActivity.CPU]) as prof:
+            warnings.simplefilter("always")
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            fn()
+    finally:
+        torch.Tensor.tolist, torch.cuda.synchronize = tolist, cuda_sync
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    ops = sum(1 for e in prof.events() if e.name in SYNC_OPS and
+              (e.cpu_parent is None or e.cpu_parent.name not in SYNC_OPS))
+    if device.type == "cuda":  # the debug mode sees every sync, tolist and synchronize included
+        return sum(1 for w in caught if "synchroniz" in str(w.message))
+    return ops + calls[0]
+
+
+def bench_step(args) -> int:
+    """ATen ops per forward, host syncs per step, ms per block step and block-start forward; eager vs compiled;
+    --baseline REV: the same weights in that revision's model.py, side by side."""
+    import torch
+
+    from llada_xp.config import SamplerConfig
+    from llada_xp.sampler import Request, Sampler
+
+    model, ids, prompts, what = _step_model(args)
+    device = next(model.parameters()).device
+    B, bl = len(prompts), args.block_length
+    P = max(len(p) for p in prompts)
+    L, s = P + args.gen_length, P
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"step bench: {what} on {device} ({where}), batch {B}, canvas {L} (prompt {P} + gen {args.gen_length}), "
+          f"block {bl}, best of {args.repeats}")
+    variants = [("after (fused, shared RoPE)", model, False)]
+    if args.baseline:
+        variants.insert(0, (f"before ({args.baseline})", _baseline_model(args.baseline, model), False))
+    if args.compile:
+        variants.append(("after, compiled block step", model, True))
+    rows = []
+    with torch.inference_mode():
+        for name, m, compiled in variants:
+            start, step = _forwards(m, B, L, s, bl, device)
+            start()
+            if compiled:
+                t = time.perf_counter()
+                if not m.compile_block_step():
+                    continue
+                step()  # compiles
+                log.info("compiled the block step in %.1f s", time.perf_counter() - t)
+            top_start, all_start = _ops(start)
+            top_step, all_step = _ops(step)
+            rows.append((name, top_start, all_start, top_step, all_step, _best_ms(start, args.repeats),
+                         _best_ms(step, args.repeats)))
+            if hasattr(m, "clear_cache"):
+                m.clear_cache()
+        model._cached_step = None
+        st = SamplerConfig(gen_length=args.gen_length, block_length=bl, steps=args.gen_length, cache="dual",
+                           threshold=0.9, temperature=0.0, early_stop=False)
+        sampler = Sampler(model, ids)
+        reqs = [Request(p, st) for p in prompts]
+        sampler.generate(reqs)  # warm-up
+        res = []
+        syncs = count_syncs(lambda: res.extend(sampler.generate(reqs)), device)
+        nfe = max(r.stats.nfe for r in res)
+    print("| model code | ATen ops, block-start forward | ATen ops, block step | ms block-start forward | "
+          "ms block step |")
+    print("|---|---:|---:|---:|---:|")
+    for name, ts, as_, tp, ap, ms_start, ms_step in rows:
+        print(f"| {name} | {ts:,} ({as_:,} nested) | {tp:,} ({ap:,} nested) | {ms_start:.1f} | {ms_step:.1f} |")
+    print(f"host syncs per step (sampler, dual cache, threshold 0.9, temperature 0): {syncs / nfe:.1f} "
+          f"({syncs} in {nfe} forwards)")
+    print("ATen ops: top-level dispatches per forward (nested: every ATen call underneath as well), torch.profiler "
+          "on the host")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ scheduler
 def _pct(xs: list[float], q: int) -> float:
     """Nearest-rank percentile."""
@@ -567,6 +767,25 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto")
     b.add_argument("--dtype", default="auto")
     b.set_defaults(func=bench_sampler)
+    t = sub.add_parser("step", help="launch and sync cost of one decoding step",
+                       description="ATen ops per forward, host syncs per step, ms per dual-cache block step and per "
+                                   "block-start forward; eager vs compiled; --baseline REV runs that revision's "
+                                   "model.py with the same weights.")
+    t.add_argument("--model", default="demo", help="demo | llada-8b (LLaDA-8B shapes, random weights) | a folder")
+    t.add_argument("--layers", type=int, default=None, help="llada-8b: layers (default 32)")
+    t.add_argument("--scale", type=int, default=1, help="llada-8b: d_model, heads and MLP width divided by this "
+                   "(head_dim stays 128; 16 = a 32-layer model with LLaDA's vocabulary that fits a CPU)")
+    t.add_argument("--batch", type=int, default=1)
+    t.add_argument("--prompt-length", type=int, default=128, help="llada-8b: prompt tokens")
+    t.add_argument("--gen-length", type=int, default=64)
+    t.add_argument("--block-length", type=int, default=32)
+    t.add_argument("--repeats", type=int, default=5, help="timed runs (best kept), after one warm-up")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the compiled block step (model.compile)")
+    t.add_argument("--baseline", default=None, help="a git revision whose model.py runs the same weights (before)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--dtype", default="auto")
+    t.set_defaults(func=bench_step)
     c = sub.add_parser("scheduler", help="static vs continuous batching, in-process",
                        description="Head-of-line latency, a Poisson load and an in-process evaluation with "
                                    "server.scheduler=static and =continuous, in one run.")

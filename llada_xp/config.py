@@ -71,6 +71,10 @@ class ModelConfig:
     # A PEFT adapter (LoRA; a folder or Hub id) merged into the weights at load time: serve and eval run the merged
     # model, convert.py writes it (with output=). Needs the lora extra (pip install 'llada-xp[lora]'). None = none
     adapter: Optional[str] = None
+    # Run the dual-cache block steps through torch.compile (static shapes: one compile per batch size and block
+    # length; mode "reduce-overhead" = CUDA graphs on CUDA, the default mode on CPU). Falls back to eager, logging why,
+    # when compilation is unavailable or fails. The first steps of each shape pay the compile time
+    compile: bool = False
     # Special-id overrides for checkpoints that lack them (or get them wrong). None = from the model: config.json,
     # then generation_config.json, then the tokenizer (mask: its mask token or <|mdm_mask|>; EoT: <|eot_id|>;
     # pad: else EOS). The sampler decodes with the mask id, cuts answers at EOS/EoT and left-pads with pad

@@ -226,6 +226,9 @@ def load_model(cfg: ModelConfig) -> Loaded:
             model = merge_adapter(model, cfg.adapter)
         except AdapterError as e:
             raise ModelLoadError(str(e)) from e
+    model.fuse()  # q/k/v and gate/up as one matmul each, after any adapter merge (PEFT targets the parts)
+    if cfg.compile:
+        model.compile_block_step()
     name = cfg.name or ("llada-xp-demo" if cfg.source == "demo" else Path(path.rstrip("/")).name)
     n_params = sum(p.numel() for p in model.parameters())
     threads = set_threads(cfg.threads, n_params)
@@ -253,7 +256,7 @@ def write_merged(cfg: ConvertConfig) -> Path:
     loaded = load_model(replace(cfg.model, device="cpu", dtype="float64" if cfg.dtype == "float64" else "float32"))
     saved = getattr(loaded.model.config, "dtype", None)
     saved = DTYPES.get(str(saved).removeprefix("torch."), torch.float32) if cfg.dtype is None else DTYPES[cfg.dtype]
-    model = loaded.model.to(saved)
+    model = loaded.model.unfuse().to(saved)  # saved under the checkpoint's names, without split copies
     model.config.dtype = saved
     for name in ("mask_token_id", "eos_token_id", "pad_token_id"):  # overrides become the merged model's own
         if getattr(cfg.model, name) is not None:

@@ -4,19 +4,25 @@ Every config option that changes the math at inference is folded in where it act
 biases, norms, activation, RoPE or learned positions, tied or padded embeddings, logit scaling); options the reference
 code defines but we do not implement are refused by name in `LLaDAConfig.check`. Adds what the reference modeling code
 lacks: left-padding masks with per-row RoPE positions, a KV cache the model owns (Fast-dLLM prefix and dual modes, with
-n_kv_heads heads) and logits for only the columns asked for. Architecture only: it knows nothing about sampling, files
-or HTTP (loading lives in loading.py).
+n_kv_heads heads) and logits for only the columns asked for. Lean on launches (issue 17): RoPE tables are made once per
+forward and shared by every layer, and `fuse()` (load_model calls it) turns q/k/v and gate/up into one matmul each;
+the per-option choices are made at build/fuse time, not in the layer's forward. Architecture only: it knows nothing
+about sampling, files or HTTP (loading lives in loading.py).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+log = logging.getLogger(__name__)
 
 # What the reference code can build and we implement; any other value is refused by name (LLaDAConfig.check).
 CHOICES = {
@@ -150,125 +156,262 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _swiglu(x):
-    x, gate = x.chunk(2, dim=-1)
-    return F.silu(gate) * x
+def _gated(act):
+    """The gated MLP on one fused projection x = [value; gate]: act(gate) * value. llama's ff_proj is the gate and
+    up_proj the value (fused as [up_proj; ff_proj]); swiglu halves ff_proj's own output the same way."""
+    def gated(x):
+        x, gate = x.chunk(2, dim=-1)
+        return act(gate) * x
+    return gated
 
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "swiglu": _swiglu}
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32}  # RoPE and RMSNorm run in at least fp32
 
 
-class Norm(nn.Module):
-    """RMSNorm (rms; gemma_rms scales by 1 + w) or LayerNorm (default, low_precision), weight and bias optional."""
+class RMSNorm(nn.Module):
+    """rms (x * weight) or gemma_rms (x * (1 + weight)), weight and bias optional."""
 
     def __init__(self, c: LLaDAConfig, dim: int, affine: bool):
         super().__init__()
-        self.kind = c.layer_norm_type
-        self.eps = c.rms_norm_eps if "rms" in self.kind else 1e-5  # the reference LayerNorm keeps torch's eps
+        self.shape, self.eps, self.gemma = (dim,), c.rms_norm_eps, c.layer_norm_type == "gemma_rms"
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
         self.bias = nn.Parameter(torch.zeros(dim)) if affine and c.norm_bias else None
 
     def forward(self, x):
-        if "rms" not in self.kind:
-            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        # Normalise in at least fp32, cast back to the input dtype, then scale (reference order).
-        y = x.to(torch.promote_types(x.dtype, torch.float32))
-        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # Normalised in at least fp32 and cast back to the input dtype, then scaled (reference order): F.rms_norm
+        # without a weight is exactly that.
+        y = F.rms_norm(x, self.shape, eps=self.eps)
         if self.weight is not None:
-            y = y * (1 + self.weight if self.kind == "gemma_rms" else self.weight)
+            y = y * (1 + self.weight if self.gemma else self.weight)
         return y if self.bias is None else y + self.bias
 
 
-def rope(x, pos, theta: float):
-    """Rotate-half RoPE, angles [f, f] concatenated, in at least fp32. x: [B, H, n, D], pos: [B, n]."""
-    dt = torch.promote_types(x.dtype, torch.float32)
-    d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=dt) / d)
-    ang = pos.to(dt)[:, None, :, None] * inv_freq  # [B, 1, n, D/2]
-    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    y = x.to(dt)
-    x1, x2 = y.chunk(2, dim=-1)
-    return (y * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+def norm(c: LLaDAConfig, dim: int, affine: bool) -> nn.Module:
+    """The config's layer norm: RMSNorm, or LayerNorm (default, low_precision) with torch's eps as the reference."""
+    if "rms" in c.layer_norm_type:
+        return RMSNorm(c, dim, affine)
+    return nn.LayerNorm(dim, eps=1e-5, elementwise_affine=affine, bias=affine and c.norm_bias)
+
+
+class Rope:
+    """Rotate-half RoPE (angles [f, f] concatenated, in at least fp32) for one forward's positions, computed once and
+    applied by every layer to its fused q/k/v projection viewed as [B, n, groups, n_kv_heads, D]: `groups` =
+    n_heads / n_kv_heads query groups, then keys, then values, which the tables leave as they are (cos 1, sin 0).
+    rotate_half(x) * sin = roll(x, D/2) * [-sin, sin]: the same products, bit for bit, in 4 ops."""
+
+    def __init__(self, pos, inv_freq, groups: int, dtype):
+        ang = pos.to(inv_freq.dtype)[..., None] * inv_freq  # [B, n, D/2]
+        cos, sin = ang.cos(), ang.sin()
+        cos, sin = torch.cat([cos, cos], -1)[:, :, None], torch.cat([-sin, sin], -1)[:, :, None]  # [B, n, 1, D]
+        rest = (*cos.shape[:2], groups - 1, cos.shape[-1])
+        self.cos = torch.cat([cos.expand(rest), torch.ones_like(cos)], 2)[:, :, :, None]  # [B, n, groups, 1, D]
+        self.sin = torch.cat([sin.expand(rest), torch.zeros_like(sin)], 2)[:, :, :, None]
+        self.half, self.cast = inv_freq.shape[0], dtype != inv_freq.dtype
+
+    def __call__(self, x):
+        y = x.to(self.cos.dtype) if self.cast else x
+        y = y * self.cos + y.roll(self.half, -1) * self.sin
+        return y.to(x.dtype) if self.cast else y
+
+
+def _same(x):
+    return x
 
 
 class KVCache(nn.Module):
-    """Keys (rotated) and values of every canvas column: [B, n_kv_heads, L, D]. One verb: write a column range."""
+    """Keys (rotated) and values of every canvas column in one buffer kv: [B, 2 * n_kv_heads, L, D], keys first; k
+    and v are views of it (one write per layer). One verb: write a column range."""
 
     def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype, device):
         super().__init__()
-        shape = (batch, heads, length, head_dim)
         # Uninitialised: a full forward writes every column before any read.
-        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("kv", torch.empty((batch, 2 * heads, length, head_dim), dtype=dtype, device=device),
+                             persistent=False)
+        self._views()
 
-    def update(self, start: int, k, v):
-        self.k[:, :, start:start + k.shape[2]] = k
-        self.v[:, :, start:start + v.shape[2]] = v
+    def _views(self):  # slices, not chunk(): the views are written through in place
+        h = self.kv.shape[1] // 2
+        self.k, self.v = self.kv[:, :h], self.kv[:, h:]
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() replace the buffer: renew the views
+        super()._apply(fn, recurse)
+        self._views()
+        return self
+
+    def update(self, cols, kv):
+        """kv: [B, 2 * n_kv_heads, n, D] → columns cols [n] (a tensor: one op, static shapes); returns (k, v) of all
+        columns."""
+        self.kv.index_copy_(2, cols, kv)
         return self.k, self.v
 
-    def update_at(self, rows, cols, k, v, keys: int):
-        """Rows at their own columns: write k, v [B, H, n, D] at columns cols [B, n] of cache rows `rows` [B]
-        (None = every row, in order); return the first `keys` columns of those rows."""
-        r = torch.arange(k.shape[0], device=k.device) if rows is None else rows
-        self.k[r[:, None], :, cols] = k.transpose(1, 2)
-        self.v[r[:, None], :, cols] = v.transpose(1, 2)
+    def update_at(self, rows, cols, kv, keys: int):
+        """Rows at their own columns: write kv [B, 2 * n_kv_heads, n, D] at columns cols [B, n] of cache rows `rows`
+        [B] (None = every row, in order); return (k, v) of the first `keys` columns of those rows."""
+        r = torch.arange(kv.shape[0], device=kv.device) if rows is None else rows
+        self.kv[r[:, None], :, cols] = kv.transpose(1, 2)
         if rows is None:
             return self.k[:, :, :keys], self.v[:, :, :keys]
-        return self.k[rows, :, :keys], self.v[rows, :, :keys]
+        sel = self.kv[rows, :, :keys]
+        h = sel.shape[1] // 2
+        return sel[:, :h], sel[:, h:]
+
+    def keep(self, rows: torch.Tensor):
+        self.kv = self.kv[rows]
+        self._views()
+
+
+class Step:
+    """What every layer of one forward shares, decided once per forward: the RoPE tables (or no rotation), the key
+    mask [B, 1, 1, Lk] (or None) and how a layer gets the keys and values it attends to from its fresh ones
+    kv [B, 2 * n_kv_heads, n, D] (write them into its cache and read the cache, or use them as they are)."""
+
+    def __init__(self, rotate, key_mask, keys):
+        self.rotate, self.key_mask, self.keys = rotate, key_mask, keys
 
 
 class Block(nn.Module):
-    """llama: q/k/v_proj, MLP act(ff_proj) * up_proj; sequential: fused att_proj [q; k; v], MLP act(ff_proj)."""
+    """llama: q/k/v_proj, MLP act(ff_proj) * up_proj; sequential: fused att_proj [q; k; v], MLP act(ff_proj).
+
+    Built under the checkpoint's names (what loading, PEFT and saving see); `fuse()` folds a llama block into the
+    sequential layout (att_proj = [q; k; v], ff_proj = [up_proj; ff_proj] gated): one matmul each. The choice is
+    made there, not per forward (`qkv`, `ff_in`). state_dict() of a fused block still gives the checkpoint's names
+    (split views), and load_state_dict takes them."""
 
     def __init__(self, c: LLaDAConfig):
         super().__init__()
         d, kv, width, bias = c.d_model, c.kv_heads * c.head_dim, c.mlp_width, c.include_bias
         qkv_bias = c.include_bias or c.include_qkv_bias
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.kv_heads, c.head_dim
-        self.theta = c.rope_theta if c.rope else None
-        self.clip, self.act, self.split = c.clip_qkv, ACTIVATIONS[c.activation_type], (d, kv, kv)
-        self.attn_norm, self.ff_norm = Norm(c, d, c.layer_norm_with_affine), Norm(c, d, c.layer_norm_with_affine)
+        self.groups, self.gqa = c.n_heads // c.kv_heads + 2, c.kv_heads != c.n_heads  # query groups, keys, values
+        self.llama, self.clip, self.split = c.block_type == "llama", c.clip_qkv, (d, kv, kv)
+        act = ACTIVATIONS.get(c.activation_type, F.silu)  # swiglu: silu, gated
+        self.mlp_act = _gated(act) if self.llama or c.activation_type == "swiglu" else act
+        self.attn_norm, self.ff_norm = norm(c, d, c.layer_norm_with_affine), norm(c, d, c.layer_norm_with_affine)
+        self.adjust = _same  # on the fused q/k/v projection: OLMo's clip_qkv, then the q/k layer norms
         if c.attention_layer_norm:
-            self.q_norm = Norm(c, d, c.attention_layer_norm_with_affine)
-            self.k_norm = Norm(c, kv, c.attention_layer_norm_with_affine)
-        if c.block_type == "sequential":
-            self.att_proj = nn.Linear(d, d + 2 * kv, bias=qkv_bias)
-        else:
+            self.q_norm = norm(c, d, c.attention_layer_norm_with_affine)
+            self.k_norm = norm(c, kv, c.attention_layer_norm_with_affine)
+        if c.attention_layer_norm or c.clip_qkv is not None:
+            self.adjust = self._adjust
+        # Registration order = the reference's (random init draws in this order).
+        if self.llama:
             self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, n, bias=qkv_bias) for n in self.split)
+        else:
+            self.att_proj = nn.Linear(d, d + 2 * kv, bias=qkv_bias)
         self.attn_out = nn.Linear(d, d, bias=bias)
         self.ff_proj = nn.Linear(d, width, bias=bias)  # llama: the gate
-        if c.block_type == "llama":
+        if self.llama:
             self.up_proj = nn.Linear(d, width, bias=bias)
+        self.qkv, self.ff_in = (self._qkv_parts, self._ff_parts) if self.llama else (self._qkv_fused, self._ff_fused)
         self.ff_out = nn.Linear(width // 2 if c.activation_type == "swiglu" else width, d, bias=bias)
         self.kv_cache: KVCache | None = None
+        self._register_state_dict_hook(_checkpoint_names)
+        self._register_load_state_dict_pre_hook(_fused_names, with_module=True)
 
-    def forward(self, h, pos, start: int, key_mask, use_cache: bool, rows=None, at: bool = False):
-        B, n, d = h.shape
-        a = self.attn_norm(h)
-        if hasattr(self, "att_proj"):
-            q, k, v = self.att_proj(a).split(self.split, dim=-1)
-        else:
-            q, k, v = self.q_proj(a), self.k_proj(a), self.v_proj(a)
+    @property
+    def fused(self) -> bool:
+        return not self.llama or not hasattr(self, "q_proj")
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        if self.fused:
+            return
+        with torch.inference_mode(False):  # fused weights must stay usable outside inference mode
+            self.att_proj = _cat_linear(self.q_proj, self.k_proj, self.v_proj)
+            self.ff_proj = _cat_linear(self.up_proj, self.ff_proj)
+        del self.q_proj, self.k_proj, self.v_proj, self.up_proj
+        self.qkv, self.ff_in = self._qkv_fused, self._ff_fused
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        """Back to the checkpoint's modules (PEFT adapters target them; saving writes no shared tensors)."""
+        if not self.llama or not self.fused:
+            return
+        with torch.inference_mode(False):
+            self.q_proj, self.k_proj, self.v_proj = _split_linear(self.att_proj, self.split)
+            self.up_proj, self.ff_proj = _split_linear(self.ff_proj, (self.ff_proj.out_features // 2,) * 2)
+        del self.att_proj
+        self.qkv, self.ff_in = self._qkv_parts, self._ff_parts
+
+    # The input projections, fused (one matmul) or as the checkpoint's parts (PEFT may wrap them): same outputs.
+    def _qkv_fused(self, a):
+        return self.att_proj(a)
+
+    def _qkv_parts(self, a):
+        return torch.cat([self.q_proj(a), self.k_proj(a), self.v_proj(a)], -1)
+
+    def _ff_fused(self, f):
+        return self.ff_proj(f)
+
+    def _ff_parts(self, f):
+        return torch.cat([self.up_proj(f), self.ff_proj(f)], -1)
+
+    def _adjust(self, x):
         if self.clip is not None:
-            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+            x = x.clamp(-self.clip, self.clip)
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, n, self.n_heads, self.head_dim).transpose(1, 2)
-        k, v = (t.view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
-        if self.theta is not None:
-            q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
-        if use_cache and at:  # rows at their own positions: pos are the cache columns, key_mask the keys
-            k, v = self.kv_cache.update_at(rows, pos, k, v, key_mask.shape[-1])
-        elif use_cache:
-            k, v = self.kv_cache.update(start, k, v)
-        # Bidirectional: every query sees every (non-pad) key; key_mask: [B, 1, 1, Lk] or None.
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            q, k, v = x.split(self.split, dim=-1)
+            x = torch.cat([self.q_norm(q), self.k_norm(k), v], -1)
+        return x
+
+    def forward(self, h, step: Step):
+        B, n, d = h.shape
+        x = self.adjust(self.qkv(self.attn_norm(h)))  # [B, n, d + 2 kv]: q, k, v
+        x = step.rotate(x.view(B, n, self.groups, self.n_kv_heads, self.head_dim)).view(B, n, -1, self.head_dim)
+        q, kv = x.split((self.n_heads, 2 * self.n_kv_heads), dim=2)
+        k, v = step.keys(self.kv_cache, kv.transpose(1, 2))
+        # Bidirectional: every query sees every (non-pad) key.
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=step.key_mask, enable_gqa=self.gqa)
         h = h + self.attn_out(o.transpose(1, 2).reshape(B, n, d))
-        f = self.ff_norm(h)
-        x = self.act(self.ff_proj(f))
-        if hasattr(self, "up_proj"):
-            x = x * self.up_proj(f)
-        return h + self.ff_out(x)
+        return h + self.ff_out(self.mlp_act(self.ff_in(self.ff_norm(h))))
+
+
+def _cat_linear(*parts: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the parts' outputs concatenated (weights copied once; the parts can go)."""
+    w = parts[0].weight
+    out = nn.Linear(w.shape[1], sum(p.out_features for p in parts), bias=parts[0].bias is not None, device="meta")
+    out.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=w.requires_grad)
+    if out.bias is not None:
+        out.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=w.requires_grad)
+    return out
+
+
+def _split_linear(fused: nn.Linear, sizes) -> list[nn.Linear]:
+    w, b = fused.weight.split(sizes), fused.bias.split(sizes) if fused.bias is not None else [None] * len(sizes)
+    out = []
+    for wi, bi in zip(w, b):
+        m = nn.Linear(wi.shape[1], wi.shape[0], bias=bi is not None, device="meta")
+        m.weight = nn.Parameter(wi.clone(), requires_grad=fused.weight.requires_grad)
+        if bi is not None:
+            m.bias = nn.Parameter(bi.clone(), requires_grad=fused.weight.requires_grad)
+        out.append(m)
+    return out
+
+
+def _checkpoint_names(block: Block, sd: dict, prefix: str, _meta) -> None:
+    """state_dict hook: a fused llama block's att_proj / ff_proj as the checkpoint's q/k/v_proj, ff_proj, up_proj."""
+    if not block.llama or not block.fused:
+        return
+    for kind in ("weight", "bias"):
+        if f"{prefix}att_proj.{kind}" in sd:
+            for name, t in zip(("q_proj", "k_proj", "v_proj"), sd.pop(f"{prefix}att_proj.{kind}").split(block.split)):
+                sd[f"{prefix}{name}.{kind}"] = t
+        if f"{prefix}ff_proj.{kind}" in sd:
+            sd[f"{prefix}up_proj.{kind}"], sd[f"{prefix}ff_proj.{kind}"] = sd.pop(f"{prefix}ff_proj.{kind}").chunk(2)
+
+
+def _fused_names(block: Block, sd: dict, prefix: str, *_) -> None:
+    """load_state_dict pre-hook: checkpoint names into a fused llama block."""
+    if not block.llama or not block.fused:
+        return
+    for kind in ("weight", "bias"):
+        names = [f"{prefix}{n}.{kind}" for n in ("q_proj", "k_proj", "v_proj")]
+        if all(n in sd for n in names):
+            sd[f"{prefix}att_proj.{kind}"] = torch.cat([sd.pop(n) for n in names])
+        names = [f"{prefix}up_proj.{kind}", f"{prefix}ff_proj.{kind}"]
+        if all(n in sd for n in names):
+            sd[names[1]] = torch.cat([sd.pop(n) for n in names])
 
 
 class LLaDAModelLM(PreTrainedModel):
@@ -286,13 +429,15 @@ class LLaDAModelLM(PreTrainedModel):
         transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(c.rows, c.d_model),
             blocks=nn.ModuleList(Block(c) for _ in range(c.n_layers)),
-            ln_f=Norm(c, c.d_model, c.layer_norm_with_affine),
+            ln_f=norm(c, c.d_model, c.layer_norm_with_affine),
         ))
         if not c.rope:
             transformer["wpe"] = nn.Embedding(c.max_sequence_length, c.d_model)
         if not c.weight_tying:
             transformer["ff_out"] = nn.Linear(c.d_model, c.rows, bias=c.include_bias)
         self.model = nn.ModuleDict(dict(transformer=transformer))  # nesting = the checkpoint's key names
+        self._inv_freq: dict = {}  # RoPE inverse frequencies by (device, dtype)
+        self._cached_step: Callable | None = None  # the compiled dual-cache block forward (compile_block_step)
         self.post_init()
 
     @torch.no_grad()
@@ -301,9 +446,9 @@ class LLaDAModelLM(PreTrainedModel):
             nn.init.normal_(module.weight, std=0.02)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, Norm):
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
             if module.weight is not None:
-                nn.init.zeros_(module.weight) if module.kind == "gemma_rms" else nn.init.ones_(module.weight)
+                nn.init.zeros_(module.weight) if getattr(module, "gemma", False) else nn.init.ones_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
@@ -314,12 +459,27 @@ class LLaDAModelLM(PreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.wte
 
+    # --- fused projections ---
+    def fuse(self) -> "LLaDAModelLM":
+        """Fold each llama block's q/k/v_proj and ff_proj/up_proj into one matmul each (in place; idempotent;
+        load_model does it). Merge adapters before: PEFT targets the checkpoint's modules. state_dict() and
+        save_pretrained still write the checkpoint's names. An unfused model computes the same logits."""
+        for blk in self.transformer.blocks:
+            blk.fuse()
+        return self
+
+    def unfuse(self) -> "LLaDAModelLM":
+        """Back to the checkpoint's modules (before a PEFT merge, or to save without split copies)."""
+        for blk in self.transformer.blocks:
+            blk.unfuse()
+        return self
+
     # --- KV cache (Fast-dLLM prefix / dual modes) ---
     def setup_cache(self, batch: int, length: int):
         """Allocate per-layer K/V for `batch` rows of a `length`-column canvas (kept when the shape matches)."""
         p, c = self.transformer.wte.weight, self.config
         first = self.transformer.blocks[0].kv_cache
-        if first is not None and first.k.shape[0] == batch and first.k.shape[2] == length:
+        if first is not None and first.kv.shape[0] == batch and first.kv.shape[2] == length:
             return
         for blk in self.transformer.blocks:
             blk.kv_cache = KVCache(batch, c.kv_heads, length, c.head_dim, p.dtype, p.device)
@@ -330,23 +490,50 @@ class LLaDAModelLM(PreTrainedModel):
         p, c = self.transformer.wte.weight, self.config
         for blk in self.transformer.blocks:
             old = blk.kv_cache
-            b0, l0 = (old.k.shape[0], old.k.shape[2]) if old is not None else (0, 0)
+            b0, l0 = (old.kv.shape[0], old.kv.shape[2]) if old is not None else (0, 0)
             if b0 >= batch and l0 >= length:
                 continue
             new = KVCache(max(b0, batch), c.kv_heads, max(l0, length), c.head_dim, p.dtype, p.device)
-            new.k.zero_(), new.v.zero_()
+            new.kv.zero_()
             if old is not None:
-                new.k[:b0, :, :l0], new.v[:b0, :, :l0] = old.k, old.v
+                new.kv[:b0, :, :l0] = old.kv
             blk.kv_cache = new
 
     def select_cache_rows(self, rows: torch.Tensor):
         """Keep only these batch rows of the cache (the batch shrank)."""
         for blk in self.transformer.blocks:
-            blk.kv_cache.k, blk.kv_cache.v = blk.kv_cache.k[rows], blk.kv_cache.v[rows]
+            blk.kv_cache.keep(rows)
 
     def clear_cache(self):
         for blk in self.transformer.blocks:
             blk.kv_cache = None
+
+    def rope(self, pos, dtype) -> Callable:
+        """The rotation every layer applies for positions pos [B, n] (identity without RoPE)."""
+        c = self.config
+        if not c.rope:
+            return _same
+        acc = ACC.get(dtype, dtype)
+        key = (pos.device, acc)
+        if key not in self._inv_freq:
+            d = c.head_dim
+            self._inv_freq[key] = 1.0 / c.rope_theta ** (torch.arange(0, d, 2, device=pos.device, dtype=acc) / d)
+        return Rope(pos, self._inv_freq[key], c.n_heads // c.kv_heads + 2, dtype)
+
+    def compile_block_step(self, mode: str | None = None) -> bool:
+        """Run the cached forwards without a logits slice (Fast-dLLM's dual-cache block steps) through torch.compile:
+        tensors only (columns and positions are tensors, the cache length fixed), so each batch size and block length
+        compiles once. mode None = "reduce-overhead" (CUDA graphs) on CUDA, the default elsewhere. Falls back to
+        eager, logging why, when torch.compile is unavailable or the first compiled call fails. Returns whether it
+        compiles (so far)."""
+        dev = self.transformer.wte.weight.device
+        mode = mode or ("reduce-overhead" if dev.type == "cuda" else "default")
+        try:
+            self._cached_step = torch.compile(self._body, mode=mode, dynamic=False)
+        except (RuntimeError, ImportError, AssertionError) as e:  # e.g. an unsupported Python or platform
+            log.warning("model.compile: torch.compile unavailable (%s); the block steps run eager", e)
+            self._cached_step = None
+        return self._cached_step is not None
 
     def forward(self, input_ids, attention_mask=None, start: int = 0, use_cache: bool = False,
                 logits_slice: slice | torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
@@ -367,24 +554,53 @@ class LLaDAModelLM(PreTrainedModel):
         if kwargs.get("past_key_values") is not None:
             raise ValueError("past_key_values is not supported: use setup_cache() and use_cache=True")
         B, n = input_ids.shape
-        dev, c, t = input_ids.device, self.config, self.transformer
-        at = input_pos is not None
-        if at:
+        dev = input_ids.device
+        cols = torch.arange(start, start + n, device=dev)
+        if input_pos is not None:  # rows at their own positions: the positions are the cache columns
             pos, key_mask = input_pos.to(dev), attention_mask.to(dev).bool()[:, None, None, :]
+            cols, write = pos, "at"
         elif attention_mask is None:
-            pos = torch.arange(start, start + n, device=dev).expand(B, n)
-            key_mask = None
+            pos, key_mask = cols.expand(B, n), None
         else:
             am = attention_mask.to(dev).bool()
             pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + n]
             key_mask = (am if use_cache else am[:, start:start + n])[:, None, None, :]
+        if input_pos is None:
+            write = "range" if use_cache else None
+        elif not use_cache:
+            write = None
+        if write and logits_slice is None and self._cached_step is not None:
+            try:
+                return CausalLMOutputWithPast(logits=self._cached_step(input_ids, pos, key_mask, write, cols,
+                                                                       cache_rows, None))
+            except Exception as e:  # noqa: BLE001 — whatever the compiler raised: say why, then run eager
+                log.warning("model.compile: the compiled block step failed (%s: %s); running eager from now on",
+                            type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+                self._cached_step = None
+        return CausalLMOutputWithPast(logits=self._body(input_ids, pos, key_mask, write, cols, cache_rows,
+                                                        logits_slice))
+
+    def _body(self, input_ids, pos, key_mask, write: str | None, cols, rows, logits_slice):
+        """From token ids to logits. pos [B, n]: RoPE positions; write: None (no cache), "range" (cache columns
+        cols [n] of every cache row) or "at" (columns cols [B, n] of cache rows `rows`, keys = key_mask's width)."""
+        c, t = self.config, self.transformer
         h = t.wte(input_ids)
         if c.input_emb_norm:
             h = h * c.d_model ** 0.5
         if not c.rope:
             h = h + t.wpe(pos)
+        if write == "range":
+            def keys(cache, kv):
+                return cache.update(cols, kv)
+        elif write == "at":
+            def keys(cache, kv):
+                return cache.update_at(rows, cols, kv, key_mask.shape[-1])
+        else:
+            def keys(cache, kv):
+                return kv.chunk(2, dim=1)
+        step = Step(self.rope(pos, h.dtype), key_mask, keys)
         for blk in t.blocks:
-            h = blk(h, pos, start, key_mask, use_cache, cache_rows, at)
+            h = blk(h, step)
         if isinstance(logits_slice, torch.Tensor):
             h = h.gather(1, logits_slice[..., None].expand(-1, -1, h.shape[-1]))
         elif logits_slice is not None:
@@ -393,4 +609,4 @@ class LLaDAModelLM(PreTrainedModel):
         logits = F.linear(h, t.wte.weight) if c.weight_tying else t.ff_out(h)
         if c.scale_logits:
             logits = logits * (1 / math.sqrt(c.d_model))
-        return CausalLMOutputWithPast(logits=logits)
+        return logits

@@ -206,3 +206,60 @@ def test_missing_folder_and_unreachable_hub_id_say_which_and_why(tmp_path, monke
 def test_hf_source_without_path_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="model.path is required"):
         load_model(ModelConfig(source="hf"))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_heads=2, weight_tying=True, include_bias=True)])
+def test_fused_projections_give_the_unfused_logits_and_tokens(kw):
+    import copy
+
+    from llada_xp.config import SamplerConfig
+    from llada_xp.sampler import Request, Sampler
+
+    parts = tiny.model(seed=6, sharpen=30.0, **kw)
+    fused = copy.deepcopy(parts).fuse()
+    blk = fused.transformer.blocks[0]
+    assert not hasattr(blk, "q_proj") and blk.att_proj.out_features == 32 + 2 * 8 * (kw.get("n_kv_heads") or 4)
+    x = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(fused(x).logits, parts(x).logits, rtol=1e-10, atol=1e-10)
+    for cache in ("none", "prefix", "dual"):
+        st = SamplerConfig(gen_length=16, block_length=4, steps=16, cache=cache, threshold=0.9)
+        reqs = [Request([1, 2, 3], st), Request([4, 5], st)]
+        got = [r.tokens for r in Sampler(fused, tiny.ids_of(fused)).generate(reqs)]
+        assert got == [r.tokens for r in Sampler(parts, tiny.ids_of(parts)).generate(reqs)], cache
+
+
+def test_a_fused_model_saves_and_loads_under_the_checkpoint_names(tmp_path):
+    parts = tiny.model(seed=7, include_qkv_bias=True)
+    want = parts.state_dict()
+    fused = tiny.model(seed=7, include_qkv_bias=True).fuse()
+    got = fused.state_dict()
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    other = tiny.model(seed=8, include_qkv_bias=True).fuse()
+    other.load_state_dict(want)  # checkpoint names into a fused model
+    x = torch.randint(0, 50, (1, 9))
+    torch.testing.assert_close(other(x).logits, parts(x).logits, rtol=1e-10, atol=1e-10)
+    fused.save_pretrained(tmp_path)
+    again = LLaDAModelLM.from_pretrained(tmp_path, dtype=torch.float64)
+    torch.testing.assert_close(again(x).logits, parts(x).logits, rtol=1e-10, atol=1e-10)
+    assert hasattr(fused.unfuse().transformer.blocks[1], "up_proj")
+    torch.testing.assert_close(fused(x).logits, parts(x).logits, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_compiled_block_steps_decode_the_eager_tokens(caplog):
+    """model.compile on CPU (inductor's default mode): the dual-cache block steps compiled, the same tokens and NFE."""
+    from llada_xp.config import SamplerConfig
+    from llada_xp.sampler import Request, Sampler
+
+    m = tiny.model(seed=9, sharpen=30.0, n_kv_heads=2).fuse()
+    st = SamplerConfig(gen_length=12, block_length=4, steps=12, cache="dual", threshold=None, early_stop=False)
+    reqs = [Request([1, 2, 3], st), Request([4, 5], st)]  # left padding: a key mask
+    want = [(r.tokens, r.stats.nfe) for r in Sampler(m, tiny.ids_of(m)).generate(reqs)]
+    calls = []
+    assert m.compile_block_step()
+    compiled = m._cached_step
+    m._cached_step = lambda *a: calls.append(1) or compiled(*a)
+    got = [(r.tokens, r.stats.nfe) for r in Sampler(m, tiny.ids_of(m)).generate(reqs)]
+    assert got == want and len(calls) == 3 * 3  # 3 blocks of 4 steps: the block-start forward, then 3 block steps
+    assert m._cached_step is not None and "model.compile" not in caplog.text  # no fallback to eager
