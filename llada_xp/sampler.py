@@ -49,7 +49,8 @@ Documented rules beyond the references (identical to them whenever their precond
   generate would run it, with the same tokens).
 - threshold/factor modes loop until the block has no masks (never leaves masks behind).
 - Ties in confidence go to the leftmost column.
-- Randomness: each row owns a torch.Generator (seeded from its seed). Per step and row, temperature > 0 draws
+- Randomness: each row owns a torch.Generator (seeded from its seed; without one, from torch's global RNG, drawn
+  only by rows that draw: temperature > 0 or `random` remasking). Per step and row, temperature > 0 draws
   u ~ U[0,1) float64 of shape [masked columns of the block, vocab] (column order), then `random` remasking draws
   [masked columns] float64. Temperature 0 draws nothing. So a row's tokens do not depend on its batch, nor on when
   it joined.
