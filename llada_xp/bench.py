@@ -367,7 +367,7 @@ def bench_sampler(args) -> int:
 
     model, ids, prompts, what = _bench_model(args)
     device = next(model.parameters()).device
-    sampler = Sampler(model, ids)
+    sampler = Sampler(model, ids, timing=True)  # forward_s: wall time of each forward (syncs on a GPU)
     base = SamplerConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.gen_length,
                          early_stop=args.early_stop)
     print(f"sampler benchmark: {what} on {device}"
@@ -580,13 +580,15 @@ def bench_step(args) -> int:
         res = []
         syncs = count_syncs(lambda: res.extend(sampler.generate(reqs)), device)
         nfe = max(r.stats.nfe for r in res)
+        ms_sampler = _best_ms(lambda: sampler.generate(reqs), args.repeats) / nfe
     print("| model code | ATen ops, block-start forward | ATen ops, block step | ms block-start forward | "
           "ms block step |")
     print("|---|---:|---:|---:|---:|")
     for name, ts, as_, tp, ap, ms_start, ms_step in rows:
         print(f"| {name} | {ts:,} ({as_:,} nested) | {tp:,} ({ap:,} nested) | {ms_start:.1f} | {ms_step:.1f} |")
     print(f"host syncs per step (sampler, dual cache, threshold 0.9, temperature 0): {syncs / nfe:.1f} "
-          f"({syncs} in {nfe} forwards)")
+          f"({syncs} in {nfe} forwards); {ms_sampler:.1f} ms per sampler step (forward + commit, best of "
+          f"{args.repeats})")
     print("ATen ops: top-level dispatches per forward (nested: every ATen call underneath as well), torch.profiler "
           "on the host")
     return 0

@@ -29,9 +29,18 @@ temperature, seed and stop are all per row.
   starting rows costs what their block start costs anyway plus, on a GPU where small batches are bound by reading
   the weights, one more weight read. Cached forwards read the rows' cache rows with an index (a copy of their K/V)
   unless the group is every cache row in order.
-- Host synchronisations per forward group at temperature 0: the masked columns (`nonzero`: the float64 softmax runs
-  on those [M, V] rows only) and the committed tokens (`.tolist()`, which the stop checks and streaming need); on a
-  GPU one more to time the forward. Temperature > 0 and `random` remasking add per-row draws (each row's generator).
+- Host synchronisations: ONE per step at temperature 0, in `step`: every forward group's commit leaves a small
+  status tensor on the device (per row: tokens committed, then the block's tokens after the commit), the groups'
+  statuses are concatenated and copied to host memory (on CUDA: non-blocking into pinned memory, then one stream
+  synchronize; on CPU: `.tolist()`), and the host reads it for the stop checks, streaming and the next step. Nothing
+  else waits for the device: the masked columns of each row's block are known on the host from the previous status
+  (all columns at a block start), so the float64 softmax runs on exactly those [M, V] rows, gathered with an index
+  built on the host; per-step settings and indices go host → device as non-blocking copies from pinned memory on
+  CUDA. Per-row loops only where a row's own generator draws (temperature > 0, `random` remasking; no sync either).
+  The forward timer does not synchronise unless the sampler is made with `timing=True`: by default `forward_s` is
+  the host time spent inside the model call, which on a GPU is the launch time of the forward, not its run time (on
+  CPU the two are the same); `timing=True` synchronises after each forward (one more sync per forward group) and
+  measures the wall time of the forward, as the bench's sampler breakdown does.
 
 Documented rules beyond the references (identical to them whenever their preconditions hold):
 - gen_length not divisible by block_length: the last block is shorter.
@@ -40,7 +49,8 @@ Documented rules beyond the references (identical to them whenever their precond
   generate would run it, with the same tokens).
 - threshold/factor modes loop until the block has no masks (never leaves masks behind).
 - Ties in confidence go to the leftmost column.
-- Randomness: each row owns a torch.Generator (seeded from its seed). Per step and row, temperature > 0 draws
+- Randomness: each row owns a torch.Generator (seeded from its seed; without one, from torch's global RNG, drawn
+  only by rows that draw: temperature > 0 or `random` remasking). Per step and row, temperature > 0 draws
   u ~ U[0,1) float64 of shape [masked columns of the block, vocab] (column order), then `random` remasking draws
   [masked columns] float64. Temperature 0 draws nothing. So a row's tokens do not depend on its batch, nor on when
   it joined.
@@ -168,8 +178,10 @@ class Sampler:
     """Decodes requests with one model. Not thread-safe: one caller at a time (the engine's worker), and one
     RunningSet at a time (the model owns the KV cache)."""
 
-    def __init__(self, model, ids: SpecialIds, decode: Optional[Callable[[list[int]], str]] = None):
+    def __init__(self, model, ids: SpecialIds, decode: Optional[Callable[[list[int]], str]] = None,
+                 timing: bool = False):
         self.model, self.ids, self.decode = model, ids, decode
+        self.timing = timing  # synchronise after each forward so that Stats.forward_s is its wall time (on a GPU)
         self.max_length = getattr(model.config, "max_sequence_length", None)
 
     # ------------------------------------------------------------------ public
@@ -254,6 +266,7 @@ class _Row:
         self.sched = block_steps(st.steps, st.gen_length, st.block_length)
         self.b, self.s, self.e, self.step, self.plan = -1, self.Lp, self.Lp, 0, []
         self.left = 0  # masked columns left in the current block; 0 = enter the next block at the next step
+        self.masked: list[int] = []  # the current block's masked columns (offsets from s), from the last status
         self.answer: list[int] = []  # host copy of the committed contiguous prefix of the answer
         self.end: Optional[tuple[int, int]] = None  # (answer length, stop id) once a stop id is final
         self.stats = Stats()
@@ -261,7 +274,10 @@ class _Row:
         self.slot: int = -1
         self.uslot: Optional[int] = None
         self.gen = torch.Generator(device=dev)
-        self.gen.manual_seed(st.seed if st.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        if st.seed is not None:
+            self.gen.manual_seed(st.seed)
+        elif st.temperature > 0 or st.remasking == "random":  # temperature 0 draws nothing, not even a seed
+            self.gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         self.t0 = time.perf_counter()
 
     @property
@@ -276,6 +292,7 @@ class _Row:
         self.s = self.Lp + self.b * bl
         self.e = min(self.s + bl, self.C)
         self.step, self.left = 0, self.e - self.s
+        self.masked = list(range(self.e - self.s))
         self.plan = quota(self.e - self.s, self.sched[self.b])  # the block is all masks when it starts
         self.stats.blocks += 1
 
@@ -327,14 +344,38 @@ class RunningSet:
                 row.enter_next_block()
         groups = {kind: sorted((r for r in self.rows if r.kind == kind), key=lambda r: r.slot)
                   for kind in ("full", "prefix", "dual")}
+        done = [(group, self._decode(kind, group)) for kind, group in groups.items() if group]
+        host = self._to_host(torch.cat([status.flatten() for _, status in done])) if done else []  # the one sync
         blocks: dict[int, list[int]] = {}
-        for kind, group in groups.items():
-            if group:
-                blocks.update(self._decode(kind, group))
+        at = 0
+        for group, status in done:
+            w = status.shape[1]
+            for r in group:
+                c, *blk = host[at:at + w]
+                at += w
+                r.stats.committed += c
+                r.step += 1
+                blocks[r.slot] = blk[:r.e - r.s]
         for row in list(self.rows):
             self._after_step(row, blocks[row.slot])
         if not self:
             self.close()
+
+    def _to_dev(self, data, dtype=torch.long) -> torch.Tensor:
+        """A host list as a device tensor without waiting: non-blocking from pinned memory on CUDA."""
+        t = torch.tensor(data, dtype=dtype)
+        if self.dev.type == "cuda":
+            return t.pin_memory().to(self.dev, non_blocking=True)
+        return t.to(self.dev)
+
+    def _to_host(self, t: torch.Tensor) -> list:
+        """A device tensor as a host list: the step's one host synchronisation."""
+        if self.dev.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            torch.cuda.current_stream(self.dev).synchronize()
+            return host.tolist()  # a host tensor: no further wait
+        return t.tolist()
 
     def _admit(self) -> None:
         """Give joining rows slots (and cache rows) and write their canvases."""
@@ -363,7 +404,9 @@ class RunningSet:
             canv[j, :r.Lp] = torch.tensor(r.req.prompt, dtype=torch.long)
             canv[j, r.Lp:r.C] = self.s.ids.mask
             r.t0 = time.perf_counter()
-        self.x[torch.tensor([r.slot for r in new], device=self.dev)] = canv.to(self.dev)
+        if self.dev.type == "cuda":
+            canv = canv.pin_memory()
+        self.x[self._to_dev([r.slot for r in new])] = canv.to(self.dev, non_blocking=True)
         self.rows += new
         if self.cached or any(r.st.cache != "none" for r in self.rows):
             if not self.cached:  # whatever another user left there is not ours (and may be uninitialised)
@@ -371,23 +414,22 @@ class RunningSet:
             self.s.model.grow_cache(S, width)
             self.cached = True
 
-    def _decode(self, kind: str, group: list[_Row]) -> dict[int, list[int]]:
-        """One forward of `group` (rows of one kind), then its commit; returns each row's block tokens (host)."""
+    def _decode(self, kind: str, group: list[_Row]) -> torch.Tensor:
+        """One forward of `group` (rows of one kind), then its commit; returns its status (device, see _commit)."""
         dev, B = self.dev, len(group)
         n = [r.e - r.s for r in group]
         nb = max(n)
         # block columns [B, nb]: s..e of each row; a shorter block is padded with the row's pad column C
-        bcols = torch.tensor([[r.s + j if j < k else r.C for j in range(nb)] for r, k in zip(group, n)], device=dev)
-        C = torch.tensor([r.C for r in group], device=dev)
-        slot = torch.tensor([r.slot for r in group], device=dev)
+        bcols = self._to_dev([[r.s + j if j < k else r.C for j in range(nb)] for r, k in zip(group, n)])
+        C = self._to_dev([r.C for r in group])
+        slot = self._to_dev([r.slot for r in group])
         if kind == "full":  # whole canvases from column 0; the logits of the block columns only
             width = max(r.C for r in group)
             cols = torch.arange(width, device=dev).expand(B, width)
             keys, lidx = width, bcols.clamp(max=width - 1)
         elif kind == "prefix":  # the block and everything right of it, against the cached prefix
             width = max(r.C - r.s for r in group)
-            cols = torch.tensor([[r.s + j if r.s + j < r.C else r.C for j in range(width)] for r in group],
-                                device=dev)
+            cols = self._to_dev([[r.s + j if r.s + j < r.C else r.C for j in range(width)] for r in group])
             keys, lidx = max(r.C for r in group), slice(0, nb)
         else:  # dual: the block only; its fresh K/V overwrite its columns, prefix and suffix stay frozen
             cols, keys, lidx = bcols, max(r.C for r in group), None
@@ -396,18 +438,18 @@ class RunningSet:
         lanes = [r.slot for r in group]
         cfg = [(i, r) for i, r in enumerate(group) if r.st.cfg_scale > 0]
         if cfg:  # unconditional copies (prompt columns masked) in the same forward, in their own cache rows
-            ci = torch.tensor([i for i, _ in cfg], device=dev)
-            lp = torch.tensor([r.Lp for _, r in cfg], device=dev)
+            ci = self._to_dev([i for i, _ in cfg])
+            lp = self._to_dev([r.Lp for _, r in cfg])
             inp = torch.cat([inp, torch.where(cols[ci] < lp[:, None], self.s.ids.mask, inp[ci])])
             cols, key_mask = torch.cat([cols, cols[ci]]), torch.cat([key_mask, key_mask[ci]])
             lanes += [r.uslot for _, r in cfg]
             if isinstance(lidx, torch.Tensor):
                 lidx = torch.cat([lidx, lidx[ci]])
-        rows = None if lanes == list(range(self.x.shape[0])) else torch.tensor(lanes, device=dev)
+        rows = None if lanes == list(range(self.x.shape[0])) else self._to_dev(lanes)
         t = time.perf_counter()
         logits = self.s.model(inp, attention_mask=key_mask, use_cache=self.cached, logits_slice=lidx,
                               input_pos=cols, cache_rows=rows).logits
-        if dev.type == "cuda":
+        if self.s.timing and dev.type == "cuda":  # only when asked: a sync per forward (module docstring)
             torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t
         self.forwards += 1
@@ -422,44 +464,48 @@ class RunningSet:
             logits = cond
         return self._commit(group, slot, bcols, logits)
 
-    def _commit(self, group: list[_Row], slot, bcols, logits) -> dict[int, list[int]]:
-        """Predict x0 at masked block columns, score confidence, select per row, write. logits: [B, nb, V]."""
+    def _commit(self, group: list[_Row], slot, bcols, logits) -> torch.Tensor:
+        """Predict x0 at masked block columns, score confidence, select per row, write. logits: [B, nb, V].
+
+        Returns the status [B, 1 + nb] (device): tokens committed, then the block's tokens after the commit. The
+        masked columns come from the host (`_Row.masked`), so nothing here waits for the device."""
         ids, dev = self.s.ids, self.dev
         xb = self.x[slot[:, None], bcols]  # [B, nb]
         masked = xb == ids.mask  # pad columns are never masks
         logits[..., ids.mask] = -torch.inf  # the mask id is never a prediction (a committed mask would never end)
         eos_rows = [i for i, r in enumerate(group) if r.st.logits_eos_inf]
         if eos_rows:
-            logits[eos_rows, :, ids.eos] = -torch.inf
+            logits[self._to_dev(eos_rows), :, ids.eos] = -torch.inf
         B, n, V = logits.shape
+        # the masked columns, row-major like masked.nonzero(): at = (row, column) [M] each
+        ar = [i for i, r in enumerate(group) for _ in r.masked]
+        ac = [c for r in group for c in r.masked]
+        at = tuple(self._to_dev([ar, ac]))
         pred = logits.argmax(-1)  # temperature 0: plain argmax, no draw
         for i, r in enumerate(group):
             if r.st.temperature > 0:  # Gumbel-max in float64: exp(l) / (-log u)^T
-                cols = masked[i].nonzero().squeeze(-1)
-                u = torch.rand((cols.numel(), V), dtype=torch.float64, device=dev, generator=r.gen)
+                cols = self._to_dev(r.masked)
+                u = torch.rand((len(r.masked), V), dtype=torch.float64, device=dev, generator=r.gen)
                 pred[i, cols] = (logits[i, cols].double().exp() / (-torch.log(u)) ** r.st.temperature).argmax(-1)
-        at = masked.nonzero(as_tuple=True)  # the masked columns (a host synchronisation: M is data-dependent)
         lc = logits[at].double()  # [M, V]: float64 softmax only where masked
-        eos_conf = [r.st.confidence_eos_eot_inf for r in group]
-        if any(eos_conf):
+        if any(r.st.confidence_eos_eot_inf for r in group):
             stops = torch.zeros(V, dtype=torch.bool, device=dev)
             stops[list(ids.stops)] = True
-            rowflag = torch.tensor(eos_conf, device=dev)[at[0]]
+            rowflag = self._to_dev([r.st.confidence_eos_eot_inf for r in group for _ in r.masked], torch.bool)
             lc.masked_fill_(rowflag[:, None] & stops, -torch.inf)
         conf = torch.full((B, n), -torch.inf, dtype=torch.float64, device=dev)
         conf[at] = torch.softmax(lc, -1).gather(-1, pred[at][:, None]).squeeze(-1)
         for i, r in enumerate(group):
             if r.st.remasking == "random":
-                cols = masked[i].nonzero().squeeze(-1)
-                conf[i, cols] = torch.rand(cols.shape, dtype=torch.float64, device=dev, generator=r.gen)
+                cols = self._to_dev(r.masked)
+                conf[i, cols] = torch.rand((len(r.masked),), dtype=torch.float64, device=dev, generator=r.gen)
         m = masked.sum(-1)
         sorted_conf, order = torch.sort(conf, dim=-1, descending=True, stable=True)
-        f64 = dict(dtype=torch.float64, device=dev)
-        thr = torch.tensor([r.st.threshold if r.st.threshold is not None else 2.0 for r in group], **f64)
-        fac = torch.tensor([r.st.factor or 0.0 for r in group], **f64)
-        use_thr = torch.tensor([r.st.threshold is not None for r in group], device=dev)
-        use_fac = torch.tensor([r.st.factor is not None for r in group], device=dev)
-        k_quota = torch.tensor([r.plan[r.step] if r.step < len(r.plan) else 0 for r in group], device=dev)
+        settings = self._to_dev([[r.st.threshold if r.st.threshold is not None else 2.0, r.st.factor or 0.0,
+                                  r.st.threshold is not None, r.st.factor is not None,
+                                  r.plan[r.step] if r.step < len(r.plan) else 0] for r in group], torch.float64)
+        thr, fac = settings[:, 0], settings[:, 1]
+        use_thr, use_fac, k_quota = settings[:, 2] > 0, settings[:, 3] > 0, settings[:, 4].long()
         k_thr = (sorted_conf >= thr[:, None]).sum(-1).clamp(min=1)
         k = torch.where(use_fac, factor_count(sorted_conf, m, fac), torch.where(use_thr, k_thr, k_quota))
         k = torch.minimum(k, m)
@@ -467,13 +513,7 @@ class RunningSet:
         select = torch.zeros_like(masked).scatter(-1, order, take)
         new = torch.where(select, pred, xb)
         self.x[slot[:, None], bcols] = new
-        host = torch.cat([k[:, None], new], 1).tolist()  # the commit's second host synchronisation
-        out = {}
-        for r, (c, *blk) in zip(group, host):
-            r.stats.committed += c
-            r.step += 1
-            out[r.slot] = blk[:r.e - r.s]
-        return out
+        return torch.cat([k[:, None], new], 1)
 
     def _after_step(self, row: _Row, blk: list[int]) -> None:
         """Emit newly final tokens; finish the row if it hit a stop, was aborted, or completed its canvas.
@@ -481,7 +521,8 @@ class RunningSet:
         early_stop governs EOS/EoT only; stop strings and stop ids always end the row at once.
         """
         mask = self.s.ids.mask
-        row.left = sum(t == mask for t in blk)
+        row.masked = [j for j, t in enumerate(blk) if t == mask]
+        row.left = len(row.masked)
         base, old = row.s - row.Lp, len(row.answer)  # earlier blocks are complete: old >= base
         new = base + next((j for j, t in enumerate(blk) if t == mask), len(blk))
         fresh = blk[old - base:new - base]
