@@ -524,8 +524,8 @@ class LLaDAModelLM(PreTrainedModel):
         """Run the cached forwards without a logits slice (Fast-dLLM's dual-cache block steps) through torch.compile
         (dynamic=False) at few shapes. Tensors only (columns and positions are tensors). Rows at their own positions
         (the "at" write, the running set) are bucketed: the batch is padded to the next power of two, capped at the
-        cache's rows (cache rows 6: buckets 1, 2, 4, 6), with copies of row 0 (same ids, positions, cache row: their
-        cache writes are row 0's values), and the key mask to the cache's allocated length (False beyond the real
+        cache's rows (cache rows 6: buckets 1, 2, 4, 6), with copies of row 0 (same ids and positions, row 0's cache
+        row, writing only its last column, which no real row reads), and the key mask to the cache's allocated length (False beyond the real
         keys; the cache there is finite); the padding rows' logits are dropped. So a cache shape and block length
         compile once per bucket, whatever the batch size and key width; a "range" write (every cache row, the whole
         canvas as keys) has one shape per block length already. mode None = "reduce-overhead" (CUDA graphs) on
@@ -594,10 +594,13 @@ class LLaDAModelLM(PreTrainedModel):
         R, L = kv.shape[0], kv.shape[2]
         B, dev = input_ids.shape[0], input_ids.device
         pad = min(1 << (B - 1).bit_length(), max(R, B)) - B
-        if pad:  # padding rows need their own (row 0's) cache row: "range"-like rows=None would write every row
+        if pad:  # padding rows need a cache row (row 0's: "range"-like rows=None would write every row) ...
             rows = torch.arange(B, device=dev) if rows is None else rows.to(dev)
             i = torch.cat([torch.arange(B, device=dev), torch.zeros(pad, dtype=torch.long, device=dev)])
-            input_ids, pos, cols, rows, key_mask = input_ids[i], pos[i], cols[i], rows[i], key_mask[i]
+            input_ids, pos, rows, key_mask = input_ids[i], pos[i], rows[i], key_mask[i]
+            # ... and write only the cache's last column, which no key mask lets a real row read (it lies past every
+            # canvas: the set's width is its longest canvas + 1), so row 0's cache never depends on their values
+            cols = torch.cat([cols, cols.new_full((pad, cols.shape[1]), L - 1)])
         if key_mask.shape[-1] < L:  # masked keys past the real ones: [B, 1, 1, L]
             key_mask = torch.cat([key_mask, key_mask.new_zeros(*key_mask.shape[:-1], L - key_mask.shape[-1])], -1)
         return self._cached_step(input_ids, pos, key_mask, write, cols, rows, None)[:B]
