@@ -521,11 +521,16 @@ class LLaDAModelLM(PreTrainedModel):
         return Rope(pos, self._inv_freq[key], c.n_heads // c.kv_heads + 2, dtype)
 
     def compile_block_step(self, mode: str | None = None) -> bool:
-        """Run the cached forwards without a logits slice (Fast-dLLM's dual-cache block steps) through torch.compile:
-        tensors only (columns and positions are tensors, the cache length fixed), so each batch size and block length
-        compiles once. mode None = "reduce-overhead" (CUDA graphs) on CUDA, the default elsewhere. Falls back to
-        eager, logging why, when torch.compile is unavailable or the first compiled call fails. Returns whether it
-        compiles (so far)."""
+        """Run the cached forwards without a logits slice (Fast-dLLM's dual-cache block steps) through torch.compile
+        (dynamic=False) at few shapes. Tensors only (columns and positions are tensors). Rows at their own positions
+        (the "at" write, the running set) are bucketed: the batch is padded to the next power of two, capped at the
+        cache's rows (cache rows 6: buckets 1, 2, 4, 6), with copies of row 0 (same ids and positions, row 0's cache
+        row, writing only its last column, which no real row reads), and the key mask to the cache's allocated length (False beyond the real
+        keys; the cache there is finite); the padding rows' logits are dropped. So a cache shape and block length
+        compile once per bucket, whatever the batch size and key width; a "range" write (every cache row, the whole
+        canvas as keys) has one shape per block length already. mode None = "reduce-overhead" (CUDA graphs) on
+        CUDA, the default elsewhere. Falls back to eager, logging why, when torch.compile is unavailable or the first
+        compiled call fails. Returns whether it compiles (so far)."""
         dev = self.transformer.wte.weight.device
         mode = mode or ("reduce-overhead" if dev.type == "cuda" else "default")
         try:
@@ -571,14 +576,34 @@ class LLaDAModelLM(PreTrainedModel):
             write = None
         if write and logits_slice is None and self._cached_step is not None:
             try:
-                return CausalLMOutputWithPast(logits=self._cached_step(input_ids, pos, key_mask, write, cols,
-                                                                       cache_rows, None))
+                return CausalLMOutputWithPast(logits=self._bucketed(input_ids, pos, key_mask, write, cols,
+                                                                    cache_rows))
             except Exception as e:  # noqa: BLE001 — whatever the compiler raised: say why, then run eager
                 log.warning("model.compile: the compiled block step failed (%s: %s); running eager from now on",
                             type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
                 self._cached_step = None
         return CausalLMOutputWithPast(logits=self._body(input_ids, pos, key_mask, write, cols, cache_rows,
                                                         logits_slice))
+
+    def _bucketed(self, input_ids, pos, key_mask, write: str, cols, rows):
+        """The compiled block step at a bucketed shape (compile_block_step): an "at" write's batch padded with copies
+        of row 0 to a bucket, its key mask to the cache length; returns the real rows' logits."""
+        if write != "at":
+            return self._cached_step(input_ids, pos, key_mask, write, cols, rows, None)
+        kv = self.transformer.blocks[0].kv_cache.kv
+        R, L = kv.shape[0], kv.shape[2]
+        B, dev = input_ids.shape[0], input_ids.device
+        pad = min(1 << (B - 1).bit_length(), max(R, B)) - B
+        if pad:  # padding rows need a cache row (row 0's: "range"-like rows=None would write every row) ...
+            rows = torch.arange(B, device=dev) if rows is None else rows.to(dev)
+            i = torch.cat([torch.arange(B, device=dev), torch.zeros(pad, dtype=torch.long, device=dev)])
+            input_ids, pos, rows, key_mask = input_ids[i], pos[i], rows[i], key_mask[i]
+            # ... and write only the cache's last column, which no key mask lets a real row read (it lies past every
+            # canvas: the set's width is its longest canvas + 1), so row 0's cache never depends on their values
+            cols = torch.cat([cols, cols.new_full((pad, cols.shape[1]), L - 1)])
+        if key_mask.shape[-1] < L:  # masked keys past the real ones: [B, 1, 1, L]
+            key_mask = torch.cat([key_mask, key_mask.new_zeros(*key_mask.shape[:-1], L - key_mask.shape[-1])], -1)
+        return self._cached_step(input_ids, pos, key_mask, write, cols, rows, None)[:B]
 
     def _body(self, input_ids, pos, key_mask, write: str | None, cols, rows, logits_slice):
         """From token ids to logits. pos [B, n]: RoPE positions; write: None (no cache), "range" (cache columns

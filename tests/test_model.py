@@ -263,3 +263,59 @@ def test_compiled_block_steps_decode_the_eager_tokens(caplog):
     got = [(r.tokens, r.stats.nfe) for r in Sampler(m, tiny.ids_of(m)).generate(reqs)]
     assert got == want and len(calls) == 3 * 3  # 3 blocks of 4 steps: the block-start forward, then 3 block steps
     assert m._cached_step is not None and "model.compile" not in caplog.text  # no fallback to eager
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_block_steps_see_bucketed_shapes_as_rows_join_and_leave(dtype, caplog):
+    """Rows of two block lengths finish and join mid-way (the dual group's batch goes 4, 3, 2, 1 and back up, its key
+    width changes): compiled = eager tokens and NFE, and the compiled step only sees bucketed batches (1, 2, 4) and
+    the cache's full key width, so dynamo compiles once per (bucket, block length, all-rows-in-order)."""
+    from torch._dynamo.utils import counters
+
+    from llada_xp.config import SamplerConfig
+    from llada_xp.sampler import Request, Sampler
+
+    m = tiny.model(seed=9, dtype=dtype, sharpen=30.0, n_kv_heads=2).fuse()
+
+    def st(gen, block):
+        return SamplerConfig(gen_length=gen, block_length=block, steps=gen, cache="dual", threshold=None,
+                             early_stop=False)
+
+    first = [([1, 2, 3], st(12, 6)), ([4, 5, 6, 7, 8], st(8, 4)), ([9, 10], st(12, 4)), ([11, 12, 13, 14], st(4, 4))]
+    late = {5: ([15, 16, 17], st(8, 4)), 9: ([18, 19], st(4, 4))}  # into freed slots: the cache keeps its shape
+
+    def run():
+        out, rs, step = {}, Sampler(m, tiny.ids_of(m)).running(
+            lambda e: out.__setitem__(e.index, (e.result.tokens, e.result.stats.nfe)) if hasattr(e, "result")
+            else None), 0
+        for k, (p, s) in enumerate(first):
+            rs.add(Request(p, s), k)
+        while rs or step < 10:
+            if step in late:
+                p, s = late[step]
+                rs.add(Request(p, s), len(out) + len(rs))
+            if rs:
+                rs.step()
+            step += 1
+        return [out[k] for k in range(len(first) + len(late))]
+
+    want = run()
+    torch._dynamo.reset()
+    counters.clear()
+    assert m.compile_block_step()
+    compiled, seen = m._cached_step, set()
+
+    def counting(ids, pos, key_mask, write, cols, rows, logits_slice):
+        kv = m.transformer.blocks[0].kv_cache.kv
+        seen.add((ids.shape, key_mask.shape[-1], rows is None, kv.shape))
+        return compiled(ids, pos, key_mask, write, cols, rows, logits_slice)
+
+    m._cached_step = counting
+    got = run()
+    assert got == want
+    assert m._cached_step is not None and "model.compile" not in caplog.text  # no fallback to eager
+    (R, _, L, _), = {s[3] for s in seen}  # one cache shape throughout
+    assert R == 4 and {s[0][0] for s in seen} <= {1, 2, 4} and {s[1] for s in seen} == {L}
+    assert {s[0][1] for s in seen} == {4, 6}
+    assert counters["stats"]["unique_graphs"] == len(seen) <= 3 * 2 * 2  # one compile per shape seen
