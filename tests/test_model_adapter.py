@@ -1,13 +1,10 @@
 """model.adapter: a PEFT LoRA adapter merged at load time (serve, eval, convert), against PEFT's own unmerged forward."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -16,6 +13,7 @@ peft = pytest.importorskip("peft")  # the lora extra (in dev)
 from llada_xp.config import ConvertConfig, ModelConfig  # noqa: E402
 from llada_xp.loading import ModelLoadError, load_model, write_merged  # noqa: E402
 from tests import tiny  # noqa: E402
+from tests.test_server import Process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"]  # ff_out: block and LM head
@@ -111,28 +109,10 @@ def test_eval_py_runs_with_an_adapter_and_refuses_a_wrong_one(base_and_adapter, 
 
 @pytest.mark.slow
 def test_serve_py_serves_the_merged_model(base_and_adapter, tmp_path):
-    import socket
-
     root, _ = base_and_adapter
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "model=hf", f"model.path={root / 'base'}",
-                             f"model.adapter={root / 'adapter'}", f"server.port={port}"], cwd=tmp_path, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = Process(["model=hf", f"model.path={root / 'base'}", f"model.adapter={root / 'adapter'}"], tmp_path)
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
-        while True:
-            assert proc.poll() is None, "serve.py exited"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "no /health within 120 s"
-            time.sleep(0.3)
-        r = httpx.post(url + "/v1/completions", json={"prompt": "hello world", "max_tokens": 8}, timeout=60)
+        r = srv.wait_ready().http.post("/v1/completions", json={"prompt": "hello world", "max_tokens": 8})
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        srv.stop()
