@@ -102,14 +102,16 @@ def test_two_runs_in_the_same_second_get_their_own_output_dirs(primary, key, par
     resolvers.register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         run_dir = lambda: str(compose(primary, return_hydra_config=True).hydra[key].dir)  # noqa: E731
-        run_dir()  # warm: a compose then takes milliseconds
-        while time.time() % 1 > 0.5:
-            time.sleep(0.05)
-        dirs = [run_dir(), run_dir()]
-    (parent_a, a), (parent_b, b) = (d.rsplit("/", 1) for d in dirs)
-    assert parent_a == parent_b == f"{parent}/{time.strftime('%Y-%m-%d')}"
-    assert a[:8] == b[:8]  # HH-MM-SS: started in the same second ...
-    assert a != b  # ... in folders of their own
+        run_dir()  # warm: a compose then takes milliseconds (on a loaded CI machine sometimes more: retry)
+        for _ in range(10):
+            while time.time() % 1 > 0.5:
+                time.sleep(0.05)
+            (parent_a, a), (parent_b, b) = (run_dir().rsplit("/", 1) for _ in range(2))
+            assert parent_a == parent_b == f"{parent}/{time.strftime('%Y-%m-%d')}"
+            assert a != b  # in folders of their own ...
+            if a[:8] == b[:8]:
+                break
+    assert a[:8] == b[:8]  # ... though started in the same second (HH-MM-SS)
 
 
 @pytest.mark.slow
