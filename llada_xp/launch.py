@@ -368,6 +368,7 @@ def serve_on_slurm(cfg: ServeConfig, out: TextIO = sys.stdout) -> int:
     tails = [Tail(Path(job.paths.stdout), out), Tail(Path(job.paths.stderr), out)]
     info_file = folder / INFO_FILE
     last, connected = None, False
+    previous_int = _ctrl_c_interrupts()
     try:
         while True:
             st = job_state(job_id)
@@ -412,6 +413,8 @@ def serve_on_slurm(cfg: ServeConfig, out: TextIO = sys.stdout) -> int:
             t.pump(final=True)
         say(f"job {job_id}: {st.state or 'gone'}")
         return 130
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _wait_ended(job_id: str, timeout: float = 30) -> JobState:
@@ -618,6 +621,7 @@ def serve_replicas(cfg: ServeConfig) -> int:
     gateway: Optional[subprocess.Popen] = None
     front: Optional[subprocess.Popen] = None
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous_int = _ctrl_c_interrupts()
     try:
         for r in replicas:
             r.start(cfg)
@@ -668,12 +672,20 @@ def serve_replicas(cfg: ServeConfig) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         _stop([front, gateway])  # first: no new request reaches a stopping replica
         _stop([r.proc for r in replicas])
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _ctrl_c_interrupts():
+    """Make SIGINT raise KeyboardInterrupt, also when this process started with it ignored (a script's `serve.py &`:
+    the shell ignores SIGINT for background commands, so Python installs no handler and Ctrl-C or `kill -INT`
+    would leave the job or the replicas running). The previous handler, for restoring."""
+    return signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _reachable(host: str) -> str:

@@ -92,6 +92,11 @@ def test_time_and_memory_are_read_in_slurm_formats():
         minutes("four hours")
 
 
+def as_a_background_job() -> None:
+    """preexec_fn: start the child as a script's `serve.py &` does, SIGINT ignored (Python then installs no handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_served_job_is_reachable_with_its_key_and_cancelled_by_ctrl_c(tmp_path, model_args):
     from openai import AuthenticationError, OpenAI
 
@@ -99,7 +104,7 @@ def test_served_job_is_reachable_with_its_key_and_cancelled_by_ctrl_c(tmp_path, 
                              f"launcher.folder={tmp_path}/slurm/%j", *model_args, "server.port=0",
                              f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = Output(proc)
+    out, job_id = Output(proc), None
     try:
         job_id = out.wait_for(r"submitted job (\d+)", 30).group(1)
         out.wait_for(r"Reconnect later", 90)
@@ -132,6 +137,8 @@ def test_served_job_is_reachable_with_its_key_and_cancelled_by_ctrl_c(tmp_path, 
     finally:
         if proc.poll() is None:
             proc.kill()
+            if job_id:
+                subprocess.run(["scancel", job_id])  # a failed test leaves no job holding the CI node
 
 
 @pytest.mark.skipif(shutil.which("sinfo") is None or not __import__("importlib").util.find_spec("sglang_router"),
@@ -251,8 +258,9 @@ def test_served_job_takes_its_key_from_the_key_file_and_nothing_pickled_or_saved
     proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "launcher=slurm", *SMALL,
                              f"launcher.folder={tmp_path}/slurm/%j", *model_args, "server.port=0",
                              f"server.api_key_file={key_file}", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path,
-                            env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = Output(proc)
+                            env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=as_a_background_job)
+    out, job_id = Output(proc), None
     try:
         job_id = out.wait_for(r"submitted job (\d+)", 30).group(1)
         info = json.loads(Path(out.wait_for(r"Server info:\s+(\S+)", 90).group(1)).read_text())
@@ -262,12 +270,14 @@ def test_served_job_takes_its_key_from_the_key_file_and_nothing_pickled_or_saved
             OpenAI(base_url=info["base_url"], api_key="wrong", max_retries=0).models.list()
         holding = [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
         assert sorted(holding) == sorted([key_file, Path(info["key_file"])])  # the two 0600 files only
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)  # started as a background job: SIGINT ignored until serve.py takes it
         assert proc.wait(timeout=60) == 130
         assert sacct_state(job_id).startswith("CANCELLED")
     finally:
         if proc.poll() is None:
             proc.kill()
+            if job_id:
+                subprocess.run(["scancel", job_id])  # a failed test leaves no job holding the CI node
 
 
 def test_connect_reports_a_job_that_is_not_running():

@@ -20,6 +20,8 @@ import httpx
 import openai
 import pytest
 
+from tests.test_launch import as_a_background_job
+
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "replica-k3y-5e1d"
 NAME = "llada-xp-demo"
@@ -61,7 +63,8 @@ class Replicas:
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "server.replicas=2",
                                       f"server.port={self.port}", f"hydra.run.dir={run_dir}",
                                       "model.aliases=[llada-8b-instruct]"],
-                                     cwd=run_dir, env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+                                     cwd=run_dir, env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
+                                     preexec_fn=as_a_background_job)  # Ctrl-C must still stop it all
         self.http = httpx.Client(base_url=self.url, timeout=120, headers={"Authorization": f"Bearer {KEY}"})
 
     def text(self) -> str:
