@@ -33,15 +33,33 @@ _GONE = object()
 def prepared(path: str, data: dict, model: Optional[str]) -> Optional[dict]:
     """The body the gateway gets for a valid request `data`, or None to send it as it came: with the served `model`
     when the client left it out (one server then answers with its model; the gateway would refuse the request), and
-    a chat request's LLaDA fields also in metadata[CARRIER] (unless its metadata is not an object: then the gateway
-    answers)."""
-    out = data
+    in metadata[CARRIER] what the gateway would lose: a chat request's LLaDA fields (dropped), and values it refuses
+    (`_gateway_refuses`), taken out of the top level (a token-id prompt leaves its ids as text there, for routing).
+    A request whose metadata is not an object is sent as it came (the gateway answers it)."""
+    carried = {k: data[k] for k in LLADA_FIELDS if k in data} if path == CHAT else {}
+    carried |= {k: data[k] for k in ("prompt", "n", "stop", "seed") if k in data and _gateway_refuses(path, k, data[k])}
+    out = {k: v for k, v in data.items() if k not in carried or k in LLADA_FIELDS}
+    if "prompt" in carried:
+        ids = carried["prompt"]
+        out["prompt"] = [" ".join(map(str, one)) for one in ids] if ids and isinstance(ids[0], list) \
+            else " ".join(map(str, ids))
     if data.get("model") is None and model is not None:
-        out = {**out, "model": model}
-    fields = {k: data[k] for k in LLADA_FIELDS if k in data}
-    if path == CHAT and fields and isinstance(data.get("metadata", {}), dict):
-        out = {**out, "metadata": {**data.get("metadata", {}), CARRIER: json.dumps(fields)}}
-    return None if out is data else out
+        out["model"] = model
+    if carried and isinstance(data.get("metadata", {}), dict):
+        out["metadata"] = {**data.get("metadata", {}), CARRIER: json.dumps(carried)}
+    elif carried:
+        return None
+    return None if out == data else out
+
+
+def _gateway_refuses(path: str, key: str, value) -> bool:
+    """Values we take that sglang-router 0.3.2 refuses (measured: 400/422 before any replica sees them): a seed
+    outside i64; on chat more than 10 choices or 4 stop strings; on completions a prompt of token ids."""
+    if key == "seed":
+        return not -2**63 <= value < 2**63
+    if path == CHAT:
+        return (key == "n" and value > 10) or (key == "stop" and isinstance(value, list) and len(value) > 4)
+    return key == "prompt" and not isinstance(value, str) and not all(isinstance(p, str) for p in value)
 
 
 class Front:

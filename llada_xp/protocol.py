@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
 # The request fields of the old LLaDA server beyond OpenAI's (declared in _Generation). The sglang-router gateway
-# drops them from a chat request, so its front (front.py) also sends them as JSON in metadata[CARRIER], which the
-# gateway keeps; ChatCompletionRequest takes them back from there.
+# drops them from a chat request and refuses some values we take (front.py), so its front sends those in
+# metadata[CARRIER] as JSON, which the gateway keeps; a request takes CARRIED fields back from there (_carried).
 LLADA_FIELDS = ("steps", "block_length", "cfg_scale", "remasking", "use_cache", "use_dual_cache", "threshold", "factor")
+CARRIED = LLADA_FIELDS + ("prompt", "n", "stop", "seed")
 CARRIER = "llada_xp"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
@@ -248,6 +249,25 @@ class _Generation(BaseModel):
             valid_unicode(s, "stop string")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _carried(cls, data):
+        """Fields the front carried past the gateway in metadata[CARRIER] become top-level fields again; a carried
+        value wins (it is the client's own: the gateway may have dropped or replaced the top-level one)."""
+        meta = data.get("metadata") if isinstance(data, dict) else None
+        if not isinstance(meta, dict) or CARRIER not in meta:
+            return data
+        try:
+            carried = json.loads(meta[CARRIER])
+        except (TypeError, ValueError):
+            carried = None
+        if not isinstance(carried, dict) or set(carried) - set(CARRIED):
+            raise ValueError(f"metadata.{CARRIER} must be a JSON object of fields the replicas' front carries "
+                             f"({', '.join(CARRIED)})")
+        rest = {k: v for k, v in meta.items() if k != CARRIER}
+        data = {**{k: v for k, v in data.items() if k != "metadata"}, **carried}
+        return {**data, "metadata": rest} if rest else data
+
     # ----------------------------------------------------------------- checks
     def refuse(self) -> None:
         """Raise APIError for any field set to a value we cannot honour (never silently ignored)."""
@@ -320,24 +340,6 @@ class ChatCompletionRequest(_Generation):
     functions: Optional[list[Any]] = None
     function_call: Union[str, dict[str, Any], None] = None
     response_format: Optional[dict[str, Any]] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _carried(cls, data):
-        """LLaDA fields the front carried past the gateway in metadata[CARRIER] become top-level fields again (a
-        top-level field wins: a request sent straight to a replica has them there)."""
-        meta = data.get("metadata") if isinstance(data, dict) else None
-        if not isinstance(meta, dict) or CARRIER not in meta:
-            return data
-        try:
-            carried = json.loads(meta[CARRIER])
-        except (TypeError, ValueError):
-            carried = None
-        if not isinstance(carried, dict) or set(carried) - set(LLADA_FIELDS):
-            raise ValueError(f"metadata.{CARRIER} must be a JSON object of LLaDA fields ({', '.join(LLADA_FIELDS)})")
-        rest = {k: v for k, v in meta.items() if k != CARRIER}
-        data = {**carried, **{k: v for k, v in data.items() if k != "metadata"}}
-        return {**data, "metadata": rest} if rest else data
 
     @property
     def canvas(self) -> Optional[int]:

@@ -10,7 +10,7 @@ import pytest
 
 from llada_xp.config import SamplerConfig
 from llada_xp.front import CHAT, Front, prepared
-from llada_xp.protocol import CARRIER, LLADA_FIELDS, MAX_BODY_BYTES, ChatCompletionRequest
+from llada_xp.protocol import CARRIER, LLADA_FIELDS, MAX_BODY_BYTES, ChatCompletionRequest, CompletionRequest
 
 MSG = [{"role": "user", "content": "hi"}]
 SERVER = SamplerConfig(gen_length=128, block_length=32, steps=128, cache="dual", threshold=0.9, temperature=0.0)
@@ -31,15 +31,43 @@ def test_carried_fields_survive_a_gateway_that_drops_them_and_give_the_same_sett
     assert routed.model_extra == {"metadata": {"team": "a"}}  # the user's own metadata, not the carrier
 
 
-def test_a_top_level_field_wins_over_a_carried_one():
+def test_a_carried_field_wins_over_the_top_level_one_the_gateway_may_have_replaced():
     body = {"messages": MSG, "steps": 8, "metadata": {CARRIER: json.dumps({"steps": 4, "block_length": 8})}}
     s = ChatCompletionRequest.model_validate(body).settings(SERVER)[0]
-    assert (s.steps, s.block_length) == (8, 8)
+    assert (s.steps, s.block_length) == (4, 8)
+    sent = CompletionRequest.model_validate({"prompt": "1 2", "metadata": {CARRIER: json.dumps({"prompt": [1, 2]})}})
+    assert sent.prompt == [1, 2] and "metadata" not in (sent.model_extra or {})
+
+
+# valid for one server, refused by sglang-router 0.3.2 (measured; test_replicas.py sends them through the real one)
+GATEWAY_REFUSES = [(CHAT, {"messages": MSG, "seed": 2**64 - 1}, {"seed": 2**64 - 1}),
+                   (CHAT, {"messages": MSG, "n": 16}, {"n": 16}),
+                   (CHAT, {"messages": MSG, "stop": list("abcde"), "steps": 4}, {"stop": list("abcde"), "steps": 4}),
+                   ("/v1/completions", {"prompt": [5, 6, 7]}, {"prompt": [5, 6, 7]}),
+                   ("/v1/completions", {"prompt": [[5, 6], [7]], "seed": 2**63}, {"prompt": [[5, 6], [7]], "seed": 2**63})]
+
+
+@pytest.mark.parametrize("path,body,carried", GATEWAY_REFUSES)
+def test_values_the_gateway_refuses_travel_in_the_carrier_and_come_back(path, body, carried):
+    sent = prepared(path, {**body, "model": "m"}, "served")
+    assert json.loads(sent["metadata"][CARRIER]) == carried
+    moved = set(carried) - set(LLADA_FIELDS) - {"prompt"}
+    assert not moved & set(sent)  # out of the gateway's sight
+    if "prompt" in carried:
+        assert sent["prompt"] in ("5 6 7", ["5 6", "7"])  # the ids as text: something to route by
+    request = (ChatCompletionRequest if path == CHAT else CompletionRequest).model_validate(sent)
+    assert {k: getattr(request, k) for k in carried} == carried
+
+
+@pytest.mark.parametrize("path,body", [(CHAT, {"messages": MSG, "seed": 2**63 - 1, "n": 10, "stop": list("abcd")}),
+                                       ("/v1/completions", {"prompt": ["a", "b"], "n": 16, "stop": list("abcdef")})])
+def test_values_the_gateway_takes_stay_where_they_are(path, body):
+    assert prepared(path, {**body, "model": "m"}, "served") is None
 
 
 @pytest.mark.parametrize("carried", ["{", "[1]", json.dumps({"steps": 4, "temperature": 2})])
 def test_a_carrier_that_is_not_an_object_of_llada_fields_is_refused(carried):
-    with pytest.raises(ValueError, match=f"metadata.{CARRIER} must be a JSON object of LLaDA fields"):
+    with pytest.raises(ValueError, match=f"metadata.{CARRIER} must be a JSON object of fields the replicas' front"):
         ChatCompletionRequest.model_validate({"messages": MSG, "metadata": {CARRIER: carried}})
 
 

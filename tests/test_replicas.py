@@ -262,6 +262,25 @@ def test_a_request_without_model_is_answered_by_the_served_model_as_by_one_serve
         assert public.json()["choices"][0] == direct.json()["choices"][0]  # temperature 0: the same answer
 
 
+# valid for one server, refused by the gateway itself (400/422): the front carries them past it
+GATEWAY_WOULD_REFUSE = [
+    ("/v1/chat/completions", {"messages": HI, "seed": 2**64 - 1, "temperature": 0.8, "max_tokens": 8}),
+    ("/v1/chat/completions", {"messages": HI, "n": 12, "max_tokens": 8}),
+    ("/v1/chat/completions", {"messages": HI, "stop": ["w", "x", "y", "z", "="], "max_tokens": 16}),
+    ("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 8}),  # lm-eval's local-completions sends token ids
+    ("/v1/completions", {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 8, "seed": 2**63, "temperature": 0.8}),
+]
+
+
+@pytest.mark.parametrize("path,body", GATEWAY_WOULD_REFUSE, ids=["seed", "n", "stop", "ids", "id_batch"])
+def test_valid_requests_the_gateway_would_refuse_get_a_replicas_answer(srv, path, body):
+    direct = srv.http.post(srv.replicas[0][1] + path, json=body)
+    public = srv.http.post(path, json=body)
+    assert public.status_code == direct.status_code == 200, public.text
+    assert public.json()["choices"] == direct.json()["choices"]  # same seed or temperature 0: the same choices
+    assert public.json()["usage"] == direct.json()["usage"]
+
+
 def test_killing_a_replica_under_load_loses_only_its_requests(srv):
     """Last but one: replica 1 is killed while 8 requests run; the others finish, and every later request works."""
     def ask(_):
