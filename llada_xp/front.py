@@ -91,8 +91,9 @@ class Front:
         if body is None:
             return await _refuse(send, too_large())
         if request_model is not None:
-            check = (read_body, body, request_model)  # a big body (up to 4 MiB) is parsed off the event loop
-            data, error = await asyncio.to_thread(*check) if len(body) > 2**16 else read_body(*check[1:])
+            # a chat request parses in ~20 µs; a long token-id prompt in ms (4,000 ids: 3 ms): off the event loop
+            check = (read_body, body, request_model)
+            data, error = await asyncio.to_thread(*check) if len(body) > 2**13 else read_body(*check[1:])
             if error is not None:
                 return await _send_json(send, 400, error)
             if (out := prepared(path, data, self.model)) is not None:
