@@ -1,10 +1,13 @@
 """The public front of the replicas: a reverse proxy on server.host:server.port in front of the sglang-router gateway.
 
-The gateway (0.3.2) re-serialises a chat request from its own typed request, which has no field for LLaDA's
-`steps`, `block_length`, ... (protocol.LLADA_FIELDS), so they would never reach a replica (sgl-project/sglang#22740);
-it keeps `metadata`. The front copies those fields of a chat request into metadata[protocol.CARRIER] (a JSON string;
-ChatCompletionRequest takes them back), so clients send what they send to one server. Everything else passes as it
-is, both ways, streams included. Knows nothing about models, routing or the API key (the gateway checks it).
+The gateway (0.3.2) answers some bad requests itself, with its own error text (400/422 without `param`), requires
+`model`, and re-serialises a chat request from its own typed request, which has no field for LLaDA's `steps`,
+`block_length`, ... (protocol.LLADA_FIELDS), so they would never reach a replica (sgl-project/sglang#22740); it keeps
+`metadata`. So on the two generation endpoints the front makes a server's own checks first (protocol: API key,
+Content-Type, body size, the request model's validation), answering exactly what one server would; then it fills in
+the served model when `model` is left out, and copies the LLaDA fields of a chat request into
+metadata[protocol.CARRIER] (a JSON string; ChatCompletionRequest takes them back). Clients see what one server shows
+them. Everything else passes as it is, both ways, streams included. Knows nothing about routing.
 """
 
 from __future__ import annotations
@@ -12,41 +15,60 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from llada_xp.protocol import CARRIER, LLADA_FIELDS, error_body
+from typing import Optional
+
+from llada_xp.protocol import (CARRIER, LLADA_FIELDS, MAX_BODY_BYTES, APIError, ChatCompletionRequest,
+                               CompletionRequest, authorized, error_body, media_type_refusal, read_body, too_large,
+                               unauthorized)
 
 log = logging.getLogger(__name__)
 
 CHAT = "/v1/chat/completions"
-MAX_BODY_BYTES = 4 * 2**20  # as a replica's limit (server.py): a bigger body gets the same 413 here
+REQUESTS = {CHAT: ChatCompletionRequest, "/v1/completions": CompletionRequest}
 HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
        b"host", b"content-length"}  # not forwarded: per connection, or set again for the next hop
 _GONE = object()
-_NAMES = tuple(f'"{name}"'.encode() for name in LLADA_FIELDS)
 
 
-def carry(body: bytes) -> bytes:
-    """A chat request body with its LLaDA fields also in metadata[CARRIER]; any other body unchanged (bad JSON,
-    a metadata that is not an object: the gateway answers those itself)."""
-    if not any(name in body for name in _NAMES):  # the usual request: no parsing
-        return body
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body
-    if not isinstance(data, dict) or not isinstance(data.get("metadata", {}), dict):
-        return body
-    fields = {k: data[k] for k in LLADA_FIELDS if k in data}
-    if not fields:
-        return body
-    data["metadata"] = {**data.get("metadata", {}), CARRIER: json.dumps(fields)}
-    return json.dumps(data).encode()
+def prepared(path: str, data: dict, model: Optional[str]) -> Optional[dict]:
+    """The body the gateway gets for a valid request `data`, or None to send it as it came: with the served `model`
+    when the client left it out (one server then answers with its model; the gateway would refuse the request), and
+    in metadata[CARRIER] what the gateway would lose: a chat request's LLaDA fields (dropped), and values it refuses
+    (`_gateway_refuses`), taken out of the top level (a token-id prompt leaves its ids as text there, for routing).
+    A request whose metadata is not an object is sent as it came (the gateway answers it)."""
+    carried = {k: data[k] for k in LLADA_FIELDS if k in data} if path == CHAT else {}
+    carried |= {k: data[k] for k in ("prompt", "n", "stop", "seed") if k in data and _gateway_refuses(path, k, data[k])}
+    out = {k: v for k, v in data.items() if k not in carried or k in LLADA_FIELDS}
+    if "prompt" in carried:
+        ids = carried["prompt"]
+        out["prompt"] = [" ".join(map(str, one)) for one in ids] if ids and isinstance(ids[0], list) \
+            else " ".join(map(str, ids))
+    if data.get("model") is None and model is not None:
+        out["model"] = model
+    if carried and isinstance(data.get("metadata", {}), dict):
+        out["metadata"] = {**data.get("metadata", {}), CARRIER: json.dumps(carried)}
+    elif carried:
+        return None
+    return None if out == data else out
+
+
+def _gateway_refuses(path: str, key: str, value) -> bool:
+    """Values we take that sglang-router 0.3.2 refuses (measured: 400/422 before any replica sees them): a seed
+    outside i64; on chat more than 10 choices or 4 stop strings; on completions a prompt of token ids."""
+    if key == "seed":
+        return not -2**63 <= value < 2**63
+    if path == CHAT:
+        return (key == "n" and value > 10) or (key == "stop" and isinstance(value, list) and len(value) > 4)
+    return key == "prompt" and not isinstance(value, str) and not all(isinstance(p, str) for p in value)
 
 
 class Front:
-    """ASGI app: every HTTP request to `upstream` (the gateway) and its answer back, chat bodies through `carry`."""
+    """ASGI app: every HTTP request to `upstream` (the gateway) and its answer back; a generation request only once
+    it passes a server's checks (`api_key`: the key a replica wants), then as `prepared` makes it (`model`: the
+    served model's name)."""
 
-    def __init__(self, upstream: str):
-        self.upstream = upstream.rstrip("/")
+    def __init__(self, upstream: str, model: Optional[str] = None, api_key: Optional[str] = None):
+        self.upstream, self.model, self.api_key = upstream.rstrip("/"), model, api_key
         self.client = None
 
     async def __call__(self, scope, receive, send):
@@ -54,14 +76,28 @@ class Front:
             return await self._lifespan(receive, send)
         if scope["type"] != "http":
             return
+        path, headers = scope["path"], dict(scope["headers"])
+        request_model = REQUESTS.get(path) if scope["method"] == "POST" else None
+        if self.api_key and path.startswith("/v1/") and not authorized(headers.get(b"authorization", b""),
+                                                                      self.api_key):
+            return await _refuse(send, unauthorized())
+        if request_model is not None:
+            refusal = media_type_refusal(headers.get(b"content-type", b"").decode("latin-1"))
+            if refusal is not None:
+                return await _refuse(send, refusal)
         body = await self._body(receive)
         if body is _GONE:
             return
         if body is None:
-            return await _error(send, 413, f"the request body is larger than the server's limit of "
-                                           f"{MAX_BODY_BYTES} bytes", "request_too_large")
-        if scope["method"] == "POST" and scope["path"] == CHAT:
-            body = carry(body)
+            return await _refuse(send, too_large())
+        if request_model is not None:
+            # a chat request parses in ~20 µs; a long token-id prompt in ms (4,000 ids: 3 ms): off the event loop
+            check = (read_body, body, request_model)
+            data, error = await asyncio.to_thread(*check) if len(body) > 2**13 else read_body(*check[1:])
+            if error is not None:
+                return await _send_json(send, 400, error)
+            if (out := prepared(path, data, self.model)) is not None:
+                body = json.dumps(out).encode()
         url = self.upstream + scope["raw_path"].decode("latin-1")
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
@@ -83,7 +119,8 @@ class Front:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as e:
             log.warning("the gateway did not answer %s %s: %s", request.method, request.url.path, e)
-            return await _error(send, 502, "the gateway behind this address did not answer", "bad_gateway")
+            return await _send_json(send, 502, error_body(502, "the gateway behind this address did not answer",
+                                                          code="bad_gateway"))
         try:
             # the body goes out as the gateway sent it (aiter_raw: still encoded), so its length holds
             headers = [(k, v) for k, v in response.headers.raw
@@ -133,16 +170,21 @@ async def _disconnect(receive) -> None:
         pass
 
 
-async def _error(send, status: int, message: str, code: str) -> None:
-    body = json.dumps(error_body(status, message, code=code)).encode()
+async def _refuse(send, e: APIError) -> None:
+    await _send_json(send, e.status, e.body(), e.headers)
+
+
+async def _send_json(send, status: int, obj: dict, extra: Optional[dict] = None) -> None:
+    body = json.dumps(obj).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": headers + [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]})
     await send({"type": "http.response.body", "body": body})
 
 
-def run(host: str, port: int, upstream: str, log_level: str) -> None:
+def run(host: str, port: int, upstream: str, log_level: str, model: Optional[str], api_key: Optional[str]) -> None:
     """Serve the front until SIGINT/SIGTERM (uvicorn's handlers)."""
     import uvicorn
 
-    uvicorn.run(Front(upstream), host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
-                timeout_graceful_shutdown=5)
+    uvicorn.run(Front(upstream, model, api_key), host=host, port=port, log_level=log_level, access_log=False,
+                lifespan="on", timeout_graceful_shutdown=5)

@@ -488,11 +488,12 @@ def gateway_command(sc: ServerConfig, port: int, metrics_host: str, metrics_port
             "--prometheus-port", str(metrics_port), "--log-level", level, *GATEWAY_FLAGS, *sc.gateway_args]
 
 
-def front_command(sc: ServerConfig, host: str, port: int, gateway_port: int) -> list[str]:
-    """The front's command line: the public host:port, forwarding to the gateway on 127.0.0.1:gateway_port."""
+def front_command(sc: ServerConfig, host: str, port: int, gateway_port: int, model: Optional[str]) -> list[str]:
+    """The front's command line: the public host:port, forwarding to the gateway on 127.0.0.1:gateway_port, the served
+    model's name (never the key: `python -m llada_xp.launch front` takes it from the env, as the gateway)."""
     level = sc.log_level if sc.log_level in ("critical", "error", "warning", "debug", "trace") else "warning"
     return [sys.executable, "-m", "llada_xp.launch", "front", host, str(port), f"http://127.0.0.1:{gateway_port}",
-            level]
+            level, model or ""]
 
 
 def _die_with_parent() -> None:
@@ -587,14 +588,15 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def _wait_gateway(url: str, name: Optional[str], alive: callable, timeout: float = 120) -> bool:
+def _wait_gateway(url: str, name: Optional[str], key: Optional[str], alive: callable, timeout: float = 120) -> bool:
     """Until the gateway lists the model on /v1/models (its workers are registered), or it dies, or timeout."""
     import httpx
 
     deadline = time.time() + timeout
+    headers = {"Authorization": f"Bearer {key}"} if key else {}  # the front wants the key on /v1/*, as a replica
     while time.time() < deadline and alive():
         try:
-            r = httpx.get(url + "/v1/models", timeout=2)
+            r = httpx.get(url + "/v1/models", timeout=2, headers=headers)
             if r.status_code == 200 and any(m.get("id") == name for m in r.json().get("data", [])):
                 return True
         except (httpx.HTTPError, ValueError):
@@ -641,10 +643,10 @@ def serve_replicas(cfg: ServeConfig) -> int:
         gateway_port = _free_port_on("127.0.0.1")
         gateway = subprocess.Popen(gateway_command(sc, gateway_port, sc.host, metrics_port, [r.url for r in replicas]),
                                    env=env, preexec_fn=_die_with_parent, start_new_session=True)
-        front = subprocess.Popen(front_command(sc, sc.host, port, gateway_port), preexec_fn=_die_with_parent,
-                                 start_new_session=True)
+        front = subprocess.Popen(front_command(sc, sc.host, port, gateway_port, name), env=env,
+                                 preexec_fn=_die_with_parent, start_new_session=True)
         url = f"http://{sc.host}:{port}"
-        if not _wait_gateway(f"http://{_reachable(sc.host)}:{port}", name,
+        if not _wait_gateway(f"http://{_reachable(sc.host)}:{port}", name, sc.api_key,
                              lambda: gateway.poll() is None and front.poll() is None):
             log.error("cannot serve: the gateway or its front did not start on %s (status %s, %s; the log is above)",
                       url, gateway.poll(), front.poll())
@@ -755,8 +757,10 @@ def _front(cfg: ServeConfig, tasks: int, job_id: str, folder: Path, node: str, p
     workers = [r["url"] for r in replicas]
     gateway.append(subprocess.Popen(gateway_command(sc, gateway_port, "0.0.0.0", metrics_port, workers), env=env,
                                     preexec_fn=_die_with_parent))
-    gateway.append(subprocess.Popen(front_command(sc, "0.0.0.0", port, gateway_port), preexec_fn=_die_with_parent))
-    if not _wait_gateway(f"http://{node}:{port}", name, lambda: all(p.poll() is None for p in gateway), timeout=600):
+    gateway.append(subprocess.Popen(front_command(sc, "0.0.0.0", port, gateway_port, name), env=env,
+                                    preexec_fn=_die_with_parent))
+    if not _wait_gateway(f"http://{node}:{port}", name, sc.api_key, lambda: all(p.poll() is None for p in gateway),
+                         timeout=600):
         log.error("the gateway or its front did not start on %s:%d (status %s)", node, port,
                   [p.poll() for p in gateway])
         return
@@ -806,10 +810,11 @@ if __name__ == "__main__":
         sys.exit(_replica_main(sys.argv[2]))
     if sys.argv[1:2] == ["gateway"]:
         sys.exit(_gateway_main(sys.argv[2:]))
-    if sys.argv[1:2] == ["front"] and len(sys.argv) == 6:
+    if sys.argv[1:2] == ["front"] and len(sys.argv) == 7:
         from llada_xp.front import run
 
-        run(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
+        run(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6] or None,
+            os.environ.get("LLADA_XP_API_KEY") or None)
         sys.exit(0)
     sys.exit("usage: python -m llada_xp.launch replica INDEX | gateway SGLANG_ROUTER_FLAGS | front HOST PORT "
-             "GATEWAY_URL LOG_LEVEL (started by serve.py)")
+             "GATEWAY_URL LOG_LEVEL MODEL (started by serve.py; the key in $LLADA_XP_API_KEY)")

@@ -15,6 +15,7 @@ steps = ceil(default.steps × max_tokens / default.gen_length).
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
 import logging
 import math
@@ -31,9 +32,10 @@ log = logging.getLogger(__name__)
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
 # The request fields of the old LLaDA server beyond OpenAI's (declared in _Generation). The sglang-router gateway
-# drops them from a chat request, so its front (front.py) also sends them as JSON in metadata[CARRIER], which the
-# gateway keeps; ChatCompletionRequest takes them back from there.
+# drops them from a chat request and refuses some values we take (front.py), so its front sends those in
+# metadata[CARRIER] as JSON, which the gateway keeps; a request takes CARRIED fields back from there (_carried).
 LLADA_FIELDS = ("steps", "block_length", "cfg_scale", "remasking", "use_cache", "use_dual_cache", "threshold", "factor")
+CARRIED = LLADA_FIELDS + ("prompt", "n", "stop", "seed")
 CARRIER = "llada_xp"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
@@ -77,6 +79,77 @@ def param_name(loc: tuple) -> Optional[str]:
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or None
+
+
+# ------------------------------------------------------------------------ the checks before decoding a request
+# A server (server.py) and the replicas' front (front.py) both make them, in this order, with these answers: a
+# request refused by the front gets exactly what one server would answer.
+MAX_BODY_BYTES = 4 * 2**20  # a bigger request body gets 413 unread (a max-length prompt is far smaller)
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def authorized(header: bytes, key: str) -> bool:
+    """Does an Authorization header carry `Bearer key` (constant-time)?"""
+    scheme, _, given = header.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), key.encode())
+
+
+def unauthorized() -> APIError:
+    return APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)", code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"})
+
+
+def media_type_refusal(content_type: str) -> Optional[APIError]:
+    """415 unless a generation request's Content-Type is JSON (application/json or application/*+json)."""
+    mime = content_type.split(";")[0].strip().lower()
+    if mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json")):
+        return None
+    return APIError(415, f"the body must be JSON sent with Content-Type: application/json, not "
+                         f"{content_type or 'without a Content-Type'} (curl: add -H 'Content-Type: application/json')",
+                    code="unsupported_media_type")
+
+
+def too_large() -> APIError:
+    return APIError(413, f"the request body is larger than the server's limit of {MAX_BODY_BYTES} bytes "
+                         f"({MAX_BODY_BYTES / 2**20:g} MiB)", code="request_too_large")
+
+
+def validation_body(errors) -> dict:
+    """pydantic / FastAPI validation errors → one OpenAI error (HTTP 400) naming the first bad parameter."""
+    if not errors:
+        return error_body(400, "invalid request")
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        return error_body(400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}", None,
+                          "invalid_json")
+    loc = tuple(p for p in e.get("loc", ()) if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
+    param = param_name(loc)
+    msg = e.get("msg", "invalid value")
+    if param is None and e.get("type") in ("missing", "model_attributes_type", "dict_type", "model_type"):
+        msg = "the request body must be a JSON object"
+    return error_body(400, f"{param}: {msg}" if param else msg, param, "invalid_value")
+
+
+def read_body(raw: bytes, request_model: type[BaseModel]) -> tuple[Any, Optional[dict]]:
+    """(the decoded JSON, None), or (None, the 400 error body) a server answers for this body: FastAPI's decoding
+    (fastapi.routing: an empty body is a missing one, a JSON error is json_invalid, anything else "There was an error
+    parsing the body") and the request model's validation."""
+    from pydantic import ValidationError
+
+    if not raw:
+        return None, validation_body([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        return None, validation_body([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
+                                       "ctx": {"error": e.msg}}])
+    except ValueError:  # not UTF-8/16/32
+        return None, error_body(400, "There was an error parsing the body")
+    try:
+        request_model.model_validate(data)
+    except ValidationError as e:
+        return None, validation_body(e.errors())
+    return data, None
 
 
 def valid_unicode(text: str, what: str) -> str:
@@ -176,6 +249,25 @@ class _Generation(BaseModel):
             valid_unicode(s, "stop string")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _carried(cls, data):
+        """Fields the front carried past the gateway in metadata[CARRIER] become top-level fields again; a carried
+        value wins (it is the client's own: the gateway may have dropped or replaced the top-level one)."""
+        meta = data.get("metadata") if isinstance(data, dict) else None
+        if not isinstance(meta, dict) or CARRIER not in meta:
+            return data
+        try:
+            carried = json.loads(meta[CARRIER])
+        except (TypeError, ValueError):
+            carried = None
+        if not isinstance(carried, dict) or set(carried) - set(CARRIED):
+            raise ValueError(f"metadata.{CARRIER} must be a JSON object of fields the replicas' front carries "
+                             f"({', '.join(CARRIED)})")
+        rest = {k: v for k, v in meta.items() if k != CARRIER}
+        data = {**{k: v for k, v in data.items() if k != "metadata"}, **carried}
+        return {**data, "metadata": rest} if rest else data
+
     # ----------------------------------------------------------------- checks
     def refuse(self) -> None:
         """Raise APIError for any field set to a value we cannot honour (never silently ignored)."""
@@ -248,24 +340,6 @@ class ChatCompletionRequest(_Generation):
     functions: Optional[list[Any]] = None
     function_call: Union[str, dict[str, Any], None] = None
     response_format: Optional[dict[str, Any]] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _carried(cls, data):
-        """LLaDA fields the front carried past the gateway in metadata[CARRIER] become top-level fields again (a
-        top-level field wins: a request sent straight to a replica has them there)."""
-        meta = data.get("metadata") if isinstance(data, dict) else None
-        if not isinstance(meta, dict) or CARRIER not in meta:
-            return data
-        try:
-            carried = json.loads(meta[CARRIER])
-        except (TypeError, ValueError):
-            carried = None
-        if not isinstance(carried, dict) or set(carried) - set(LLADA_FIELDS):
-            raise ValueError(f"metadata.{CARRIER} must be a JSON object of LLaDA fields ({', '.join(LLADA_FIELDS)})")
-        rest = {k: v for k, v in meta.items() if k != CARRIER}
-        data = {**carried, **{k: v for k, v in data.items() if k != "metadata"}}
-        return {**data, "metadata": rest} if rest else data
 
     @property
     def canvas(self) -> Optional[int]:

@@ -11,7 +11,6 @@ about how decoding works.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -29,8 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llada_xp.config import ServeConfig, ServerConfig
 from llada_xp.engine import Engine, Failed, Job, QueueFull
-from llada_xp.protocol import (APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse, TextStream,
-                               error_body, new_id, now, param_name, usage)
+from llada_xp.protocol import (MAX_BODY_BYTES, APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse,
+                               TextStream, authorized, error_body, media_type_refusal, new_id, now, too_large,
+                               unauthorized, usage, validation_body)
 from llada_xp.sampler import Finished, Request as Row, Sampler, Tokens
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,8 @@ log = logging.getLogger(__name__)
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/server_info",
              "/model_info", "/get_load")
 GENERATE = ("/v1/chat/completions", "/v1/completions")
-MAX_BODY_BYTES = 4 * 2**20  # a bigger request body gets 413 unread (a max-length prompt is far smaller)
 CHARS_PER_TOKEN = 32  # a prompt over max_length × this many characters cannot fit: 400 before it is tokenized
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 _DISCONNECTED = object()
 INTERNAL = "internal server error (the details are in the server log)"
 
@@ -185,18 +183,15 @@ class _Gate:
         """The checks that need no body: API key on /v1/*; on the generation endpoints the content type, room
         in the queue (a 429 costs no parsing or tokenizing; submit checks again) and the declared body size."""
         path = scope["path"]
-        if path.startswith("/v1/") and self.state.api_key and not self._authorized(scope):
-            return APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
-                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if path.startswith("/v1/") and self.state.api_key \
+                and not authorized(dict(scope["headers"]).get(b"authorization", b""), self.state.api_key):
+            return unauthorized()
         if path not in GENERATE or scope["method"] != "POST":
             return None
         headers = dict(scope["headers"])
-        kind = headers.get(b"content-type", b"").decode("latin-1")
-        mime = kind.split(";")[0].strip().lower()
-        if mime != "application/json" and not (mime.startswith("application/") and mime.endswith("+json")):
-            return APIError(415, f"the body must be JSON sent with Content-Type: application/json, not "
-                                 f"{kind or 'without a Content-Type'} (curl: add -H 'Content-Type: application/json')",
-                            code="unsupported_media_type")
+        refusal = media_type_refusal(headers.get(b"content-type", b"").decode("latin-1"))
+        if refusal is not None:
+            return refusal
         if self.state.engine is not None:
             try:
                 self.state.engine.check_room()
@@ -204,22 +199,12 @@ class _Gate:
                 return _busy(e)
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return _too_large()
+            return too_large()
         return None
-
-    def _authorized(self, scope) -> bool:
-        auth = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, key = auth.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self.state.api_key.encode())
 
 
 def _busy(e: QueueFull) -> APIError:
     return APIError(429, str(e), code="server_busy", headers={"Retry-After": str(e.retry_after)})
-
-
-def _too_large() -> APIError:
-    return APIError(413, f"the request body is larger than the server's limit of {MAX_BODY_BYTES} bytes "
-                         f"({MAX_BODY_BYTES / 2**20:g} MiB)", code="request_too_large")
 
 
 async def _bounded(scope, receive):
@@ -233,7 +218,7 @@ async def _bounded(scope, receive):
         messages.append(m)
         size += len(m.get("body", b""))
         if size > MAX_BODY_BYTES:
-            return receive, _too_large()
+            return receive, too_large()
         if m["type"] != "http.request" or not m.get("more_body"):
             break
 
@@ -276,7 +261,7 @@ def create_app(cfg: ServeConfig, on_load_error: Optional[Callable[[Exception], N
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        return JSONResponse(_validation_body(e.errors()), 400)
+        return JSONResponse(validation_body(e.errors()), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
@@ -386,22 +371,6 @@ def _planned_device(device: str) -> str:
     from llada_xp.loading import pick_device
 
     return str(pick_device(device))
-
-
-def _validation_body(errors) -> dict:
-    """pydantic / FastAPI validation errors → one OpenAI error (HTTP 400) naming the first bad parameter."""
-    if not errors:
-        return error_body(400, "invalid request")
-    e = errors[0]
-    if e.get("type") == "json_invalid":
-        return error_body(400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}", None,
-                          "invalid_json")
-    loc = tuple(p for p in e.get("loc", ()) if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
-    param = param_name(loc)
-    msg = e.get("msg", "invalid value")
-    if param is None and e.get("type") in ("missing", "model_attributes_type", "dict_type"):
-        msg = "the request body must be a JSON object"
-    return error_body(400, f"{param}: {msg}" if param else msg, param, "invalid_value")
 
 
 # ------------------------------------------------------------------------------------------------ responding

@@ -106,6 +106,8 @@ def test_public_url_requires_the_key_and_so_does_every_replica(srv):
                       headers={"Authorization": "Bearer wrong"}).status_code == 401
     for _, url in srv.replicas.values():
         assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 401
+    assert httpx.get(srv.url + "/v1/models", timeout=60).status_code == 401  # as on one server (the gateway lets
+    assert httpx.get(srv.url + "/health", timeout=60).status_code == 200  # its /v1/models pass without a key)
     assert srv.post("/v1/chat/completions", messages=HI, max_tokens=8).status_code == 200
 
 
@@ -210,14 +212,22 @@ REPLICA_ANSWERS = [
     ("/v1/completions", {"prompt": "a", "suffix": "b"}, 400, "suffix"),
     ("/v1/completions", {"prompt": "a", "threshold": 1.5}, 400, "threshold"),
 ]
-# what the gateway answers before any replica sees it (its own error text; never a 2xx or a 5xx)
-GATEWAY_ANSWERS = [
-    ("/v1/chat/completions", b"{"),
-    ("/v1/chat/completions", json.dumps({"model": NAME}).encode()),
-    ("/v1/chat/completions", json.dumps({"model": NAME, "messages": HI, "temperature": -1}).encode()),
-    ("/v1/chat/completions", json.dumps({"model": NAME, "messages": HI, "n": 0}).encode()),
-    ("/v1/chat/completions", json.dumps({"messages": HI}).encode()),
-    ("/v1/completions", json.dumps({"model": NAME}).encode()),
+# what the gateway (sglang-router 0.3.2) would answer itself, with its own error text: the front answers it first,
+# exactly as a replica does (same status, same OpenAI error object)
+GATEWAY_WOULD_ANSWER = [
+    ("/v1/chat/completions", b"{", "application/json"),
+    ("/v1/chat/completions", b"", "application/json"),
+    ("/v1/chat/completions", b"[1, 2]", "application/json"),
+    ("/v1/chat/completions", b"\xff\xfe\xfa", "application/json"),
+    ("/v1/chat/completions", json.dumps({"model": NAME}).encode(), "application/json"),
+    ("/v1/chat/completions", json.dumps({"model": NAME, "messages": HI, "temperature": -1}).encode(),
+     "application/json"),
+    ("/v1/chat/completions", json.dumps({"model": NAME, "messages": HI, "n": 0}).encode(), "application/json"),
+    ("/v1/chat/completions", json.dumps({"model": NAME, "messages": HI, "max_tokens": "8"}).encode(),
+     "application/json"),
+    ("/v1/chat/completions", json.dumps({"model": NAME, "messages": HI}).encode(), "text/plain"),
+    ("/v1/completions", json.dumps({"model": NAME}).encode(), "application/json"),
+    ("/v1/completions", json.dumps({"model": 7, "prompt": "a"}).encode(), "application/json"),
 ]
 
 
@@ -229,13 +239,46 @@ def test_bad_input_reaching_a_replica_gets_its_openai_error(srv, path, payload, 
     assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
 
 
-def test_bad_input_the_gateway_refuses_is_a_4xx_and_opens_no_circuit(srv):
-    for _ in range(2):  # 12 bad requests: more than the circuit breaker's 10 failures, were it on
-        for path, raw in GATEWAY_ANSWERS:
-            r = srv.http.post(path, content=raw, headers={"content-type": "application/json"})
-            assert 400 <= r.status_code < 500, (raw, r.status_code, r.text)
+def test_bad_input_gets_exactly_a_replicas_answer_and_opens_no_circuit(srv):
+    replica = srv.replicas[0][1]
+    for _ in range(2):  # 22 bad requests: more than the circuit breaker's 10 failures, were it on
+        for path, raw, kind in GATEWAY_WOULD_ANSWER:
+            headers = {"content-type": kind}
+            direct = srv.http.post(replica + path, content=raw, headers=headers)
+            public = srv.http.post(path, content=raw, headers=headers)
+            assert 400 <= direct.status_code < 500 and set(direct.json()["error"]) == {"message", "type", "param",
+                                                                                        "code"}, direct.text
+            assert (public.status_code, public.json()) == (direct.status_code, direct.json()), (raw, public.text)
     for _ in range(2):
         assert srv.post("/v1/chat/completions", messages=HI, max_tokens=8).status_code == 200
+
+
+def test_a_request_without_model_is_answered_by_the_served_model_as_by_one_server(srv):
+    for path, body in (("/v1/chat/completions", {"messages": HI}), ("/v1/completions", {"prompt": "3 + 4 ="})):
+        direct = srv.http.post(srv.replicas[0][1] + path, json={**body, "max_tokens": 8})
+        public = srv.http.post(path, json={**body, "max_tokens": 8})
+        assert public.status_code == direct.status_code == 200, public.text
+        assert public.json()["model"] == direct.json()["model"] == NAME
+        assert public.json()["choices"][0] == direct.json()["choices"][0]  # temperature 0: the same answer
+
+
+# valid for one server, refused by the gateway itself (400/422): the front carries them past it
+GATEWAY_WOULD_REFUSE = [
+    ("/v1/chat/completions", {"messages": HI, "seed": 2**64 - 1, "temperature": 0.8, "max_tokens": 8}),
+    ("/v1/chat/completions", {"messages": HI, "n": 12, "max_tokens": 8}),
+    ("/v1/chat/completions", {"messages": HI, "stop": ["w", "x", "y", "z", "="], "max_tokens": 16}),
+    ("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 8}),  # lm-eval's local-completions sends token ids
+    ("/v1/completions", {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 8, "seed": 2**63, "temperature": 0.8}),
+]
+
+
+@pytest.mark.parametrize("path,body", GATEWAY_WOULD_REFUSE, ids=["seed", "n", "stop", "ids", "id_batch"])
+def test_valid_requests_the_gateway_would_refuse_get_a_replicas_answer(srv, path, body):
+    direct = srv.http.post(srv.replicas[0][1] + path, json=body)
+    public = srv.http.post(path, json=body)
+    assert public.status_code == direct.status_code == 200, public.text
+    assert public.json()["choices"] == direct.json()["choices"]  # same seed or temperature 0: the same choices
+    assert public.json()["usage"] == direct.json()["usage"]
 
 
 def test_killing_a_replica_under_load_loses_only_its_requests(srv):
