@@ -784,8 +784,12 @@ def _replica_main(index: str) -> int:
     from llada_xp.loading import ModelLoadError
     from llada_xp.server import serve
 
+    from uvicorn.config import LOGGING_CONFIG
+
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][replica {index}][%(name)s][%(levelname)s] - "
                                                    "%(message)s")
+    for formatter in LOGGING_CONFIG["formatters"].values():  # uvicorn's own lines too: N replicas, one terminal
+        formatter["fmt"] = f"[replica {index}] " + formatter["fmt"]
     cfg = pickle.load(sys.stdin.buffer)
     try:
         serve(cfg)

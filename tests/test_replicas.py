@@ -125,6 +125,13 @@ def test_replicas_answer_health_server_info_and_load(srv):
         assert "llada_xp_requests_total" in httpx.get(url + "/metrics").text
 
 
+def test_every_replica_line_in_the_shared_log_names_its_replica(srv):
+    lines = [line for line in srv.text().splitlines() if '"GET /health HTTP/1.1"' in line]  # uvicorn access lines
+    assert {m for line in lines for m in re.findall(r"^\[replica (\d)\] ", line)} == {"0", "1"}, lines[-5:]
+    assert all(line.startswith("[replica ") for line in lines), [x for x in lines if not x.startswith("[replica")]
+    assert re.search(r"^\[replica 1\] INFO: +Uvicorn running on http://127\.0\.0\.1:", srv.text(), re.M)
+
+
 def test_gateway_metrics_are_exposed(srv):
     port = re.search(r"gateway metrics on http://[^:]+:(\d+)/metrics", srv.text()).group(1)
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
