@@ -781,10 +781,10 @@ def _replica_main(index: str) -> int:
     """`python -m llada_xp.launch replica I`: serve the pickled ServeConfig read from stdin."""
     import pickle
 
+    from uvicorn.config import LOGGING_CONFIG
+
     from llada_xp.loading import ModelLoadError
     from llada_xp.server import serve
-
-    from uvicorn.config import LOGGING_CONFIG
 
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][replica {index}][%(name)s][%(levelname)s] - "
                                                    "%(message)s")

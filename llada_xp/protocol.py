@@ -35,7 +35,8 @@ MAX_STOP = 16  # stop strings per request
 # drops them from a chat request and refuses some values we take (front.py), so its front sends those in
 # metadata[CARRIER] as JSON, which the gateway keeps; a request takes CARRIED fields back from there (_carried).
 LLADA_FIELDS = ("steps", "block_length", "cfg_scale", "remasking", "use_cache", "use_dual_cache", "threshold", "factor")
-CARRIED = LLADA_FIELDS + ("prompt", "n", "stop", "seed")
+GATEWAY_CHECKED = ("prompt", "n", "stop", "seed")  # OpenAI fields with values the gateway may refuse (front.py)
+CARRIED = LLADA_FIELDS + GATEWAY_CHECKED
 CARRIER = "llada_xp"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",

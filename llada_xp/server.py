@@ -182,13 +182,12 @@ class _Gate:
     def _refusal(self, scope) -> Optional[APIError]:
         """The checks that need no body: API key on /v1/*; on the generation endpoints the content type, room
         in the queue (a 429 costs no parsing or tokenizing; submit checks again) and the declared body size."""
-        path = scope["path"]
+        path, headers = scope["path"], dict(scope["headers"])
         if path.startswith("/v1/") and self.state.api_key \
-                and not authorized(dict(scope["headers"]).get(b"authorization", b""), self.state.api_key):
+                and not authorized(headers.get(b"authorization", b""), self.state.api_key):
             return unauthorized()
         if path not in GENERATE or scope["method"] != "POST":
             return None
-        headers = dict(scope["headers"])
         refusal = media_type_refusal(headers.get(b"content-type", b"").decode("latin-1"))
         if refusal is not None:
             return refusal
